@@ -1,0 +1,170 @@
+"""The policy interface: how a list of protections turns target health into a routing plan per zone.
+
+A policy is a pure object (it may keep state between steps, but never reads a clock or touches I/O). The engine
+runs every policy's hooks in three phases, in list order within each phase:
+
+1. `on_targets`: decide the per-target service set (`Decision.in_service`), starting from "healthy targets".
+   Ejection limiters (max-ejection, velocity), flap damping and passive checks act here.
+2. `on_zones`: decide each zone node's mode: route to its in-service targets (NORMAL), to all its targets
+   (FAIL_OPEN / PANIC) or to none (FAIL_CLOSED).
+3. `on_dns`: decide which zone nodes the load balancer's DNS name publishes.
+
+The phases make composition order-independent across kinds of protection: `velocity+fail-open` and
+`fail-open+velocity` mean the same thing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from lb.targets import TargetState
+
+
+class ZoneMode(StrEnum):
+    NORMAL = "normal"  # route to the zone's in-service targets only
+    FAIL_OPEN = "fail_open"  # route to every target, healthy or not (AWS fail-open, routing failover)
+    PANIC = "panic"  # Envoy panic: route to every target because too few are healthy
+    FAIL_CLOSED = "fail_closed"  # route to none (Envoy fail_traffic_on_panic)
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveStats:
+    """What the data path saw of one target (filled by the proxy; all zero when there was no traffic)."""
+
+    consecutive_failures: int = 0
+    successes: int = 0
+    failures: int = 0
+    last_success_at: float | None = None
+    last_failure_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetView:
+    id: str
+    zone: str
+    state: TargetState
+    since: float  # sim time the merged state last changed
+    passive: PassiveStats = PassiveStats()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a policy may look at, at one instant. `targets` is sorted by id for determinism."""
+
+    now: float
+    zones: tuple[str, ...]
+    targets: tuple[TargetView, ...]
+    cross_zone: bool = False
+
+    def in_zone(self, zone: str) -> list[TargetView]:
+        return [t for t in self.targets if t.zone == zone]
+
+    def registered(self) -> list[TargetView]:
+        """Targets that count as capacity: everything not draining or unused."""
+        return [t for t in self.targets if t.state not in (TargetState.DRAINING, TargetState.UNUSED)]
+
+
+@dataclass(slots=True)
+class Decision:
+    """The plan under construction. Policies mutate it in their hooks."""
+
+    in_service: set[str]
+    zone_mode: dict[str, ZoneMode]
+    dns: dict[str, bool]
+    excluded: set[str] = field(default_factory=set)  # left out of percentage denominators
+    withheld: Counter[str] = field(default_factory=Counter)  # policy name -> ejections it withheld this step
+    suppressed: set[str] = field(default_factory=set)  # targets a policy holds out of service
+
+    def withhold(self, policy: str, n: int = 1) -> None:
+        if n > 0:
+            self.withheld[policy] += n
+
+
+class Policy:
+    """Base class of every protection. Subclasses set `name` and override the hooks they need."""
+
+    name: str = "policy"
+
+    def on_targets(self, snap: Snapshot, d: Decision) -> None:
+        return None
+
+    def on_zones(self, snap: Snapshot, d: Decision) -> None:
+        return None
+
+    def on_dns(self, snap: Snapshot, d: Decision) -> None:
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPlan:
+    """The engine's answer for one instant."""
+
+    at: float
+    routable: Mapping[str, tuple[str, ...]]  # zone node -> target ids it may route to, sorted
+    zone_mode: Mapping[str, ZoneMode]
+    dns: Mapping[str, bool]  # zone node -> published in DNS
+    in_service: frozenset[str]
+    excluded: frozenset[str]
+    withheld: Mapping[str, int]
+    ejected: tuple[str, ...]  # targets that left the service set at this step
+    restored: tuple[str, ...]  # targets that joined it at this step
+
+
+class PolicyEngine:
+    """Runs a list of policies over successive snapshots and remembers the previous service set."""
+
+    def __init__(self, policies: Iterable[Policy]) -> None:
+        self.policies: list[Policy] = list(policies)
+        self._previous: frozenset[str] = frozenset()
+
+    def step(self, snap: Snapshot) -> RoutingPlan:
+        d = Decision(
+            in_service={t.id for t in snap.targets if t.state == TargetState.HEALTHY},
+            zone_mode={z: ZoneMode.NORMAL for z in snap.zones},
+            dns={z: True for z in snap.zones},
+        )
+        for p in self.policies:
+            p.on_targets(snap, d)
+        for p in self.policies:
+            p.on_zones(snap, d)
+        for p in self.policies:
+            p.on_dns(snap, d)
+        routable = route_sets(snap, d)
+        in_service = frozenset(d.in_service)
+        ejected = tuple(sorted(self._previous - in_service))
+        restored = tuple(sorted(in_service - self._previous))
+        self._previous = in_service
+        return RoutingPlan(
+            at=snap.now,
+            routable=routable,
+            zone_mode=dict(d.zone_mode),
+            dns=dict(d.dns),
+            in_service=in_service,
+            excluded=frozenset(d.excluded),
+            withheld=dict(d.withheld),
+            ejected=ejected,
+            restored=restored,
+        )
+
+
+def route_sets(snap: Snapshot, d: Decision) -> dict[str, tuple[str, ...]]:
+    """Per zone node, the targets it may route to under its mode. Cross-zone nodes see every zone's targets."""
+    live = [t for t in snap.targets if t.state not in (TargetState.DRAINING, TargetState.UNUSED)]
+    out: dict[str, tuple[str, ...]] = {}
+    for zone in snap.zones:
+        candidates: Sequence[TargetView] = live if snap.cross_zone else [t for t in live if t.zone == zone]
+        mode = d.zone_mode[zone]
+        if mode == ZoneMode.FAIL_CLOSED:
+            chosen: list[str] = []
+        elif mode in (ZoneMode.FAIL_OPEN, ZoneMode.PANIC):
+            chosen = [t.id for t in candidates]
+        else:
+            chosen = [t.id for t in candidates if t.id in d.in_service]
+        out[zone] = tuple(sorted(chosen))
+    return out
