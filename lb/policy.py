@@ -1,7 +1,7 @@
 """The policy interface: how a list of protections turns target health into a routing plan per zone.
 
-A policy is a pure object (it may keep state between steps, but never reads a clock or touches I/O). The engine
-runs every policy's hooks in three phases, in list order within each phase:
+A policy is a pure object (it may keep state between steps, but never reads a clock or touches I/O). The
+engine runs every policy's hooks in three phases (by `Stage`, then list order, within each phase):
 
 1. `on_targets`: decide the per-target service set (`Decision.in_service`), starting from "healthy targets".
    Ejection limiters (max-ejection, velocity), flap damping and passive checks act here.
@@ -10,7 +10,8 @@ runs every policy's hooks in three phases, in list order within each phase:
 3. `on_dns`: decide which zone nodes the load balancer's DNS name publishes.
 
 The phases make composition order-independent across kinds of protection: `velocity+fail-open` and
-`fail-open+velocity` mean the same thing.
+`fail-open+velocity` mean the same thing. Within a phase the engine runs policies by their `stage()` (see
+`Stage`), list order breaking ties, so that a limiter always sees what the policies that eject have done.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 from lb.targets import TargetState
 
@@ -39,6 +40,9 @@ class PassiveStats:
     failures: int = 0
     last_success_at: float | None = None
     last_failure_at: float | None = None
+    # Times of the most recent successes (oldest first, a bounded number of them): lets a policy count the
+    # successes inside its own window without the proxy knowing which window that is.
+    recent_success_times: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +87,39 @@ class Decision:
             self.withheld[policy] += n
 
 
+class Stage(IntEnum):
+    """Where a policy runs inside each phase: lower stages first, list order breaking ties.
+
+    Without stages `max-ejection+flap-damping` would let flap damping eject past the cap that
+    `flap-damping+max-ejection` enforces. Policies that take targets or zones away decide first; policies that
+    only put some back (caps, operator switches) come after them, and velocity comes last because it must
+    see every removal of the step to charge it to its budget.
+    """
+
+    DECIDE = 0  # act on the health signal: flap damping, zone modes, DNS removal
+    AMEND = 10  # data-path evidence: eject on real failures, keep probe-failing targets that serve
+    CAP = 20  # put back ejections beyond a cap (max-ejection)
+    OVERRIDE = 30  # operator switches that force an outcome (dns-failover disabled)
+    ACCOUNT = 40  # charge every removal of the step to a budget (velocity)
+
+
 class Policy:
     """Base class of every protection. Subclasses set `name` and override the hooks they need."""
 
     name: str = "policy"
+
+    def stage(self) -> int:
+        """Where this policy runs within each phase (see `Stage`); may depend on its current parameters."""
+        return Stage.DECIDE
+
+    def reset(self) -> None:
+        """Forget everything learnt from earlier steps (stateless policies have nothing to forget)."""
+        return None
+
+    def set_param(self, name: str, value: object) -> None:
+        """Change a parameter at run time (scenario timelines, operator switches). Policies with parameters
+        override this (see `lb.policies.BuiltinPolicy`); the base has none."""
+        raise ValueError(f"policy {self.name!r} has no parameter {name!r} to set")
 
     def on_targets(self, snap: Snapshot, d: Decision) -> None:
         return None
@@ -123,17 +156,26 @@ class PolicyEngine:
         self.policies: list[Policy] = list(policies)
         self._previous: frozenset[str] = frozenset()
 
+    def reset(self) -> None:
+        """Start over: forget the previous service set and every policy's state."""
+        self._previous = frozenset()
+        for p in self.policies:
+            p.reset()
+
     def step(self, snap: Snapshot) -> RoutingPlan:
         d = Decision(
             in_service={t.id for t in snap.targets if t.state == TargetState.HEALTHY},
             zone_mode={z: ZoneMode.NORMAL for z in snap.zones},
             dns={z: True for z in snap.zones},
         )
-        for p in self.policies:
+        # Sorted at every step (a stable sort: list order breaks ties) because a stage may follow a parameter
+        # flipped at run time, e.g. dns-failover switched off by an operator.
+        ordered = sorted(self.policies, key=lambda p: p.stage())
+        for p in ordered:
             p.on_targets(snap, d)
-        for p in self.policies:
+        for p in ordered:
             p.on_zones(snap, d)
-        for p in self.policies:
+        for p in ordered:
             p.on_dns(snap, d)
         routable = route_sets(snap, d)
         in_service = frozenset(d.in_service)
@@ -154,7 +196,7 @@ class PolicyEngine:
 
 
 def route_sets(snap: Snapshot, d: Decision) -> dict[str, tuple[str, ...]]:
-    """Per zone node, the targets it may route to under its mode. Cross-zone nodes see every zone's targets."""
+    """Per zone node, the targets it may route to under its mode. Cross-zone nodes see all zones' targets."""
     live = [t for t in snap.targets if t.state not in (TargetState.DRAINING, TargetState.UNUSED)]
     out: dict[str, tuple[str, ...]] = {}
     for zone in snap.zones:
