@@ -1,0 +1,339 @@
+"""NetPath on real loopback sockets: every state as a client sees it on the wire, and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import math
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from backends import _sockets
+from backends.netpath import NetPath, PathConfig, PathState, could_serve
+
+HOST = "127.0.0.1"
+# A socket closed by the garbage collector rather than by us is a leak: make its ResourceWarning fail.
+pytestmark = [pytest.mark.timeout(30), pytest.mark.filterwarnings("error::ResourceWarning")]
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+class Upstream:
+    """A plain asyncio server standing in for the backend; closes what it accepted on exit."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        await self.handler(reader, writer)
+
+    async def __aenter__(self) -> Upstream:
+        self.server = await asyncio.start_server(self._serve, HOST, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        for writer in self.writers:
+            writer.transport.abort()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll a condition with a deadline (the thing we wait on has no event to await)."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[Upstream]:
+    async with Upstream(echo) as up:
+        yield up
+
+
+@pytest.fixture
+async def path(echo_server: Upstream) -> AsyncIterator[NetPath]:
+    p = NetPath("t1", HOST, echo_server.port, rng_seed=7)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection(HOST, port), 2.0)
+
+
+async def ping(port: int) -> None:
+    reader, writer = await connect(port)
+    writer.write(b"ping\n")
+    assert await asyncio.wait_for(reader.readline(), 2.0) == b"ping\n"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("state", "params"),
+    [("open", {}), ("latency", {"latency_s": 0.002, "jitter_s": 0.004})],  # jitter > latency: no reordering
+)
+async def test_relays_megabytes_both_ways_intact_and_honours_half_close(
+    state: str, params: dict[str, Any]
+) -> None:
+    sent_up = os.urandom(3_000_000)
+    sent_down = os.urandom(5_000_000)
+
+    async def digest_then_send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Reads to EOF before answering: the client must be able to half-close and still read.
+        received = await reader.read()
+        writer.write(hashlib.sha256(received).hexdigest().encode() + sent_down)
+        await writer.drain()
+        writer.close()
+
+    async with Upstream(digest_then_send) as up:
+        p = NetPath("t1", HOST, up.port, rng_seed=1)
+        port = await p.start()
+        await p.set_state(state, **params)
+        reader, writer = await connect(port)
+        writer.write(sent_up)
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 10.0)
+        assert answer[:64].decode() == hashlib.sha256(sent_up).hexdigest()
+        assert hashlib.sha256(answer[64:]).digest() == hashlib.sha256(sent_down).digest()
+        await close(writer)
+        assert p.counts["relayed"] == 1
+        await wait_for(lambda: p.active == 0)  # both sides closed once both EOFs went through
+        await p.stop()
+
+
+async def test_blackhole_makes_connect_time_out_then_open_serves_the_same_port(path: NetPath) -> None:
+    await path.set_state("blackhole")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.open_connection(HOST, path.port), 0.5)
+    await path.set_state("open")
+    await ping(path.port)
+
+
+async def test_refuse_gives_connection_refused_then_open_serves_the_same_port(path: NetPath) -> None:
+    await path.set_state("refuse")
+    with pytest.raises(ConnectionRefusedError):
+        await connect(path.port)
+    await path.set_state("blackhole")  # refuse -> blackhole -> refuse -> open: every listener swap
+    await path.set_state("refuse")
+    with pytest.raises(ConnectionRefusedError):
+        await connect(path.port)
+    await path.set_state("open")
+    await ping(path.port)
+
+
+async def test_reset_accepts_then_resets(path: NetPath) -> None:
+    await path.set_state("reset")
+    reader, writer = await connect(path.port)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 2.0)
+    await close(writer)
+    assert path.counts["reset"] == 1
+
+
+async def test_upstream_down_resets_the_client() -> None:
+    dead = _sockets.bind(HOST, 0)  # bound, not listening: the dial is refused
+    p = NetPath("t1", HOST, dead.getsockname()[1])
+    port = await p.start()
+    reader, writer = await connect(port)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 2.0)
+    await close(writer)
+    assert p.counts["upstream_error"] == 1
+    await p.stop()
+    dead.close()
+
+
+async def test_latency_delays_each_direction_by_at_least_the_configured_sim_time(
+    echo_server: Upstream,
+) -> None:
+    p = NetPath("t1", HOST, echo_server.port, speed=2.0)
+    port = await p.start()
+    await p.set_state("latency", latency_s=0.3)  # 0.15 s wall each way
+    reader, writer = await connect(port)
+    t0 = time.monotonic()
+    writer.write(b"ping\n")
+    assert await asyncio.wait_for(reader.readline(), 2.0) == b"ping\n"
+    assert time.monotonic() - t0 >= 2 * 0.15
+    await close(writer)
+    await p.stop()
+
+
+async def test_bandwidth_limits_throughput(echo_server: Upstream) -> None:
+    p = NetPath("t1", HOST, echo_server.port, speed=2.0)
+    port = await p.start()
+    rate_wall = 400_000 * 2.0
+    await p.set_state("bandwidth", rate_bytes_per_s=400_000)
+    reader, writer = await connect(port)
+    data = os.urandom(400_000)
+    t0 = time.monotonic()
+    writer.write(data)
+    assert await asyncio.wait_for(reader.readexactly(len(data)), 5.0) == data
+    # Each direction paces 400 kB at 800 kB/s and the echo overlaps them, so the whole trip takes at
+    # least one direction's time; only the first slice leaves unpaced.
+    slice_bytes = rate_wall * 0.01
+    assert time.monotonic() - t0 >= (len(data) - slice_bytes) / rate_wall
+    await close(writer)
+    await p.stop()
+
+
+async def test_flap_loses_about_loss_share_of_new_connections(path: NetPath) -> None:
+    n, loss = 200, 0.5
+    await path.set_state("flap", loss=loss)
+    conns = await asyncio.gather(*(connect(path.port) for _ in range(n)))
+    await wait_for(lambda: path.counts["relayed"] + path.counts["held"] == n)
+
+    async def answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"ping\n")
+        try:
+            # A relayed connection answers within milliseconds; a held one never does.
+            return await asyncio.wait_for(reader.readline(), 0.5) == b"ping\n"
+        except TimeoutError:
+            return False
+
+    results = await asyncio.gather(*(answered(r, w) for r, w in conns))
+    held = results.count(False)
+    assert held == path.counts["held"]
+    assert abs(held - n * loss) <= 4 * math.sqrt(n * loss * (1 - loss))
+    await asyncio.gather(*(close(w) for _, w in conns))
+
+
+async def test_loss_is_an_alias_of_flap_and_loss_one_holds_everything(path: NetPath) -> None:
+    await path.set_state("loss", loss=1.0)
+    assert path.config.state is PathState.FLAP
+    reader, writer = await connect(path.port)
+    writer.write(b"ping\n")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.readline(), 0.3)
+    await close(writer)
+
+
+async def test_state_change_spares_live_connections_unless_cut(path: NetPath) -> None:
+    reader, writer = await connect(path.port)
+    writer.write(b"one\n")
+    assert await reader.readline() == b"one\n"
+
+    await path.set_state("refuse")
+    with pytest.raises(ConnectionRefusedError):
+        await connect(path.port)
+    writer.write(b"two\n")  # accepted under `open`, so still relayed
+    assert await asyncio.wait_for(reader.readline(), 2.0) == b"two\n"
+
+    await path.set_state("open", cut_existing=True)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 2.0)
+    await close(writer)
+    assert path.counts["cut"] == 1
+    await ping(path.port)
+
+
+def open_sockets() -> int:
+    """Socket fds in /proc/self/fd (not all fds: uvloop keeps a /dev/null one per loop, on purpose)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listdir itself used is gone already
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+async def test_stop_releases_every_socket_and_task() -> None:
+    before = open_sockets()
+    async with Upstream(echo) as up:
+        p = NetPath("t1", HOST, up.port, rng_seed=3)
+        port = await p.start()
+        relayed = await connect(port)
+        relayed[1].write(b"hi\n")
+        assert await relayed[0].readline() == b"hi\n"
+        await p.set_state("latency", latency_s=5.0)  # data stuck in a delay queue
+        delayed = await connect(port)
+        delayed[1].write(b"late\n")
+        await p.set_state("flap", loss=1.0)
+        held = await connect(port)
+        await wait_for(lambda: p.counts["held"] == 1)
+        await p.set_state("blackhole")
+        stuck = socket.socket()  # its SYN is dropped: the connect stays pending
+        stuck.setblocking(False)
+        assert stuck.connect_ex((HOST, port)) == errno.EINPROGRESS
+
+        await p.stop()
+        assert p.active == 0
+        for reader, writer in (relayed, delayed, held):
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 2.0)
+            await close(writer)
+        stuck.close()
+    assert open_sockets() == before
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    # The port is free again: something else can listen on it.
+    probe = socket.socket()
+    probe.bind((HOST, port))
+    probe.close()
+
+
+async def test_rejects_bad_states_and_parameters_without_change(path: NetPath) -> None:
+    await path.set_state("latency", latency_s=0.1)
+    for state, params in (
+        ("sideways", {}),
+        ("latency", {}),
+        ("latency", {"latency_s": -1}),
+        ("latency", {"latency_s": True}),
+        ("latency", {"latency_s": "1"}),
+        ("latency", {"latency_s": float("nan")}),
+        ("flap", {"loss": 1.5}),
+        ("bandwidth", {"rate_bytes_per_s": 0}),
+        ("open", {"latency_s": 1}),
+    ):
+        with pytest.raises(ValueError):
+            await path.set_state(state, **params)
+        assert path.config == PathConfig(PathState.LATENCY, latency_s=0.1)
+
+
+def test_could_serve_rule() -> None:
+    for mode in ("healthy", "slow"):
+        for state in ("open", "latency", "bandwidth"):
+            assert could_serve(mode, state)
+        assert could_serve(mode, "flap", 0.49)
+        assert could_serve(mode, "loss", 0.0)
+        assert not could_serve(mode, "flap", 0.5)
+        for state in ("blackhole", "refuse", "reset"):
+            assert not could_serve(mode, state)
+    for mode in ("unhealthy", "hang", "crash"):
+        assert not could_serve(mode, "open")
