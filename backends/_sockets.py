@@ -39,7 +39,8 @@ def reset(transport: asyncio.Transport | None) -> None:
         return
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        # uvloop raises ValueError instead of OSError once the fd underneath is gone.
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     transport.abort()
 
@@ -68,7 +69,10 @@ class Blackhole:
         try:
             filler.setblocking(False)
             sock.listen(0)
-            await asyncio.get_running_loop().sock_connect(filler, sock.getsockname())
+            # A client's connection may win the race for the single queue slot; then the filler's own SYN is
+            # dropped and its connect would never finish. The queue is full either way, so stop waiting.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(filler, sock.getsockname()), 0.2)
         except BaseException:
             filler.close()
             sock.close()

@@ -271,9 +271,14 @@ class BackendFleet:
             return web.Response(status=500, text="injected error")
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         resp.content_length = n
-        await resp.prepare(request)
-        for offset in range(0, n, len(_WORK_CHUNK)):
-            await resp.write(_WORK_CHUNK[: n - offset])
-        await resp.write_eof()
+        try:
+            await resp.prepare(request)
+            for offset in range(0, n, len(_WORK_CHUNK)):
+                await resp.write(_WORK_CHUNK[: n - offset])
+            await resp.write_eof()
+        except ConnectionResetError:
+            # The client (or a network path cut) went away mid-answer: normal in a fault scenario, not an error.
+            b.errors += 1
+            return resp
         b.ok += 1
         return resp

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import random
 import socket
@@ -38,6 +39,9 @@ from backends._sockets import BACKLOG, HOST
 _HIGH_WATER = 1 << 20
 # Pacing granularity: a bandwidth-limited chunk leaves in slices of about this much wall time.
 _SLICE_WALL_S = 0.01
+
+
+log = logging.getLogger(__name__)
 
 
 class PathState(StrEnum):
@@ -427,7 +431,13 @@ class NetPath:
             if self._sides:
                 # connection_lost follows an abort within a loop turn or two; the bound only guards a bug.
                 self._all_gone = asyncio.Event()
-                await asyncio.wait_for(self._all_gone.wait(), 5.0)
+                try:
+                    await asyncio.wait_for(self._all_gone.wait(), 5.0)
+                except TimeoutError:
+                    # Every transport is aborted already (its fd closed); only the callbacks are late, e.g. on
+                    # a loop overloaded by a fast run. Say so rather than fail the whole shutdown.
+                    log.warning("netpath %s: %d connections not confirmed closed at stop", self.target_id,
+                                len(self._sides))
 
     async def _hold_port(self, state: PathState) -> None:
         """Hold the port the way `state` needs: bound only (refuse), as a blackhole, or listening."""

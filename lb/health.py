@@ -181,13 +181,18 @@ class HealthBoard:
         self._since: dict[str, float] = {}
         self.transitions_total = 0
 
-    def register(self, target: str, now: float) -> None:
+    def register(self, target: str, now: float, state: TargetState = TargetState.INITIAL) -> None:
+        """Add a target. `state=HEALTHY` seeds a target that was in service before the run began, so a scenario
+        starts from steady state instead of from a cold start."""
+        if state not in (TargetState.INITIAL, TargetState.HEALTHY):
+            raise ValueError(f"a target registers as initial or healthy, not {state.value}")
         if target in self._views and self._merged[target] not in (TargetState.DRAINING, TargetState.UNUSED):
             return
         self._views[target] = {
-            n: TargetHealth(target, self.healthy_threshold, self.unhealthy_threshold, since=now) for n in self.nodes
+            n: TargetHealth(target, self.healthy_threshold, self.unhealthy_threshold, state=state, since=now)
+            for n in self.nodes
         }
-        self._merged[target] = TargetState.INITIAL
+        self._merged[target] = state
         self._since[target] = now
 
     def deregister(self, target: str, now: float, delay_s: float) -> Transition | None:

@@ -140,7 +140,8 @@ class Event(_Model):
 
     @model_validator(mode="after")
     def _one_action(self) -> Event:
-        actions = [n.rstrip("_") for n in ("path", "backend", "register_", "set_policy") if getattr(self, n) is not None]
+        kinds = ("path", "backend", "register_", "set_policy")
+        actions = [n.rstrip("_") for n in kinds if getattr(self, n) is not None]
         if self.deregister:
             actions.append("deregister")
         if len(actions) != 1:
@@ -171,6 +172,7 @@ class Scenario(_Model):
     duration_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 300.0
     zones: Annotated[list[str], Field(min_length=1, max_length=6)] = ["a", "b", "c"]
     targets_per_zone: Annotated[int, Field(ge=0, le=500)] = 3
+    start_in_service: bool = True  # the fleet was healthy before the run began; False simulates a cold start
     health_check: HealthCheckSpec = HealthCheckSpec()
     checker: CheckerSpec = CheckerSpec()
     load_balancer: LoadBalancerSpec = LoadBalancerSpec()

@@ -1,0 +1,217 @@
+"""The `lbsim` command line: run a scenario, list and check scenarios."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Coroutine
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lb.policies import POLICY_TYPES, PRESETS, PolicyError
+from scenarios.runner import Progress as RunProgress
+from scenarios.runner import ScenarioRun
+from scenarios.schema import ScenarioError, builtin_names, load_scenario
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="lbsim: reproduce load-balancer health-check cascades on loopback and compare protections.",
+)
+console = Console(stderr=True)
+out = Console()
+
+T = TypeVar("T")
+
+
+class LoopKind(StrEnum):
+    uvloop = "uvloop"
+    asyncio = "asyncio"
+
+
+def run_async(coro: Coroutine[Any, Any, T], loop: LoopKind) -> T:
+    if loop == LoopKind.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            console.print("[yellow]uvloop is not installed here; using the asyncio loop[/]")
+        else:
+            return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+SUMMARY_ROWS = [
+    ("availability", "availability", "{:.4f}"),
+    ("worst_minute_availability", "worst sim-minute availability", "{:.4f}"),
+    ("requests_total", "requests", "{}"),
+    ("requests_failed", "failed requests", "{}"),
+    ("latency_p99_s", "p99 latency (sim s)", "{:.4f}"),
+    ("min_routable_fraction", "lowest routable share", "{:.3f}"),
+    ("capacity_lost_target_seconds", "capacity lost (target-s)", "{:.1f}"),
+    ("false_ejection_target_seconds", "false ejections (target-s)", "{:.1f}"),
+    ("missed_ejection_target_seconds", "missed ejections (target-s)", "{:.1f}"),
+    ("ejections", "ejections", "{}"),
+    ("flaps", "flaps", "{}"),
+    ("dns_failovers", "DNS failovers", "{}"),
+    ("checker_lateness_p99_s", "checker lateness p99 (sim s)", "{:.4f}"),
+    ("loop_lag_p99_s", "event-loop lag p99 (sim s)", "{:.4f}"),
+]
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    title = f"{summary['scenario']} / {summary['policy']} / seed {summary['seed']}"
+    if not summary["complete"]:
+        title += " (INCOMPLETE)"
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label, fmt in SUMMARY_ROWS:
+        v = summary.get(key)
+        table.add_row(label, "-" if v is None else fmt.format(v))
+    return table
+
+
+@app.command()
+def run(
+    scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")],
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", "-p", help="Policy name, preset or spec like 'fail-open+dns-failover'; "
+                                            "repeat to compose. Default: the scenario's own."),
+    ] = None,
+    speed: Annotated[float | None, typer.Option(help="Sim seconds per wall second.", min=0.001)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the scenario's).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/NAME-TIME).")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Loopback port for /metrics; 0 picks a free one.",
+                                              min=0, max=65535)] = 0,
+    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run one scenario with one policy list and write DIR/summary.json."""
+    try:
+        sc, source = load_scenario(scenario)
+        for note in sc.health_check.aws_notes():
+            console.print(f"[yellow]note:[/] {source}: health_check.{note} (fine for a compressed scenario)")
+        r = ScenarioRun(sc, list(policy) if policy else None, source=source, speed=speed, seed=seed,
+                        metrics_port=metrics_port)
+    except (ScenarioError, PolicyError) as e:
+        raise _fail(str(e)) from None
+    target = out_dir or Path("runs") / f"{sc.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    summary = run_with_progress(r, loop, quiet)
+    r.write(target, summary)
+    out.print(summary_table(summary))
+    if not summary["fidelity_ok"]:
+        console.print(
+            f"[yellow]warning:[/] the event loop lagged {summary['loop_lag_p99_s']:.3g} sim s (p99), more than a "
+            "tenth of the shortest timeout: this machine cannot keep up at this speed, so some timeouts are the "
+            "simulator's own. Lower --speed for faithful results."
+        )
+    out.print(f"run directory: {target}")
+    if not summary["complete"]:
+        raise typer.Exit(130)
+
+
+def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, Any]:
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("sim {task.completed:>7.0f}/{task.total:.0f} s"),
+        TextColumn("{task.fields[gauges]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )
+    task = progress.add_task(f"{r.scenario.name} [{r.policy_name}]", total=r.scenario.duration_s, gauges="")
+
+    def on_progress(p: RunProgress) -> None:
+        gauges = (f"serving {p.serving}/{p.registered}  zones in DNS {p.zones_in_dns}  "
+                  f"requests {p.requests} failed {p.failed}")
+        progress.update(task, completed=p.sim_time, gauges=gauges)
+
+    r.on_progress = on_progress
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop_ = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop_.add_signal_handler(sig, stop.set)
+        try:
+            if r.on_progress is not None and not quiet:
+                console.print(f"starting {r.scenario.name} at speed {r.speed:g} (Ctrl-C stops and keeps results)")
+            return await r.run(stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop_.remove_signal_handler(sig)
+
+    with progress:
+        try:
+            return run_async(main(), loop)
+        except OSError as e:
+            raise _fail(f"could not start: {e}") from None
+
+
+@app.command("scenarios")
+def list_scenarios() -> None:
+    """List the built-in scenarios."""
+    table = Table(title="built-in scenarios")
+    table.add_column("name")
+    table.add_column("what it teaches")
+    for name in builtin_names():
+        sc, _ = load_scenario(name)
+        table.add_row(name, sc.description.strip().split("\n")[0])
+    out.print(table)
+
+
+@app.command()
+def policies() -> None:
+    """List the built-in policies and presets."""
+    table = Table(title="policies")
+    table.add_column("name")
+    table.add_column("what it does")
+    for name, cls in sorted(POLICY_TYPES.items()):
+        table.add_row(name, (cls.__doc__ or "").strip().split("\n")[0])
+    for name, spec in sorted(PRESETS.items()):
+        table.add_row(f"{name} (preset)", spec)
+    out.print(table)
+
+
+@app.command()
+def validate(scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")]) -> None:
+    """Check a scenario file and print it resolved with defaults."""
+    try:
+        sc, source = load_scenario(scenario)
+        ScenarioRun(sc, source=source)
+    except (ScenarioError, PolicyError) as e:
+        raise _fail(str(e)) from None
+    for note in sc.health_check.aws_notes():
+        console.print(f"[yellow]note:[/] {source}: health_check.{note}")
+    out.print_json(json.dumps(sc.model_dump(mode="json", by_alias=True)))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

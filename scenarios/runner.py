@@ -1,0 +1,364 @@
+"""Runs one scenario: real backends behind network paths, the NLB emulator, client traffic and the timeline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from backends.fleet import Targets
+from lb.balancer import BalancerConfig, LbEvent, LoadBalancer
+from lb.checker import CheckConfig, CheckerCapacity, ProbeReport
+from lb.clock import ScaledClock
+from lb.health import parse_success_codes
+from lb.metrics import MetricsServer
+from lb.policies import PolicyError, make_policy, parse_policy_spec
+from lb.policy import Policy
+from lb.targets import Target
+from scenarios.outcomes import Sample, capacity_metrics, event_metrics, percentile, request_metrics
+from scenarios.schema import Event, Scenario, ScenarioError
+from scenarios.traffic import RequestResult, TrafficGenerator
+
+# Lateness samples kept for the p99: a bounded reservoir, so a long run cannot grow memory without limit.
+_LATENESS_RESERVOIR = 20000
+
+
+def build_policies(entries: list[str | dict[str, Any]], source: str) -> list[Policy]:
+    """Turn a scenario's or the CLI's policy entries into policy objects; errors name where they came from."""
+    out: list[Policy] = []
+    for i, entry in enumerate(entries):
+        try:
+            if isinstance(entry, str):
+                out.extend(parse_policy_spec(entry))
+            else:
+                params = dict(entry)
+                name = params.pop("name", None)
+                if not isinstance(name, str):
+                    raise PolicyError("a policy given as a mapping needs a `name`")
+                out.append(make_policy(name, params))
+        except PolicyError as e:
+            raise ScenarioError(f"{source}: policy[{i}]: {e}") from None
+    return out
+
+
+def policy_label(entries: list[str | dict[str, Any]]) -> str:
+    parts = []
+    for e in entries:
+        parts.append(e if isinstance(e, str) else str(e.get("name", "?")))
+    return "+".join(parts) or "naive"
+
+
+@dataclass
+class RunState:
+    """Everything recorded during a run; what the run directory and summary are made of."""
+
+    samples: list[Sample] = field(default_factory=list)
+    requests: list[RequestResult] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    lateness: list[float] = field(default_factory=list)
+    loop_lag: list[float] = field(default_factory=list)  # sim seconds
+    probes_seen: int = 0
+    admitted: set[str] = field(default_factory=set)
+    ports: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    sim_time: float
+    duration: float
+    serving: int
+    registered: int
+    zones_in_dns: int
+    requests: int
+    failed: int
+
+
+class ScenarioRun:
+    """One run of one scenario with one policy list and one seed."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        policy_entries: list[str | dict[str, Any]] | None = None,
+        *,
+        source: str = "scenario",
+        speed: float | None = None,
+        seed: int | None = None,
+        metrics_port: int = 0,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.policy_entries = list(policy_entries if policy_entries else scenario.policy)
+        self.policy_name = policy_label(self.policy_entries)
+        self.policies = build_policies(self.policy_entries, source)
+        self.source = source
+        self.speed = speed if speed is not None else scenario.speed
+        self.seed = seed if seed is not None else scenario.seed
+        self.metrics_port = metrics_port
+        self.on_progress = on_progress
+        self.state = RunState()
+        self.complete = False
+        self.started_wall = 0.0
+        self.end_sim = 0.0
+        self._rng = random.Random(self.seed)
+        self._next_index: dict[str, int] = {}
+        self.lb: LoadBalancer | None = None
+        self.fleet: Targets | None = None
+
+    # -- the run -----------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
+        """Run to the scenario's end or until `stop` is set; always release everything and return a summary."""
+        sc = self.scenario
+        clock = ScaledClock(self.speed)
+        self.clock = clock
+        self.started_wall = time.monotonic()
+        stop = stop or asyncio.Event()
+        lb_registry = CollectorRegistry()
+        self.fleet = Targets(speed=self.speed, seed=self.seed)
+        self.lb = LoadBalancer(self._balancer_config(), clock, self.policies, lb_registry, seed=self.seed,
+                               on_event=self._on_lb_event, on_probe=self._on_probe)
+        metrics = MetricsServer(lb_registry, self.fleet.registry)
+        traffic: TrafficGenerator | None = None
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for zone in sc.zones:
+                for _ in range(sc.targets_per_zone):
+                    await self._add_target(zone, None, in_service=sc.start_in_service)
+            nodes = await self.lb.start()
+            self.state.ports["nodes"] = nodes
+            self.state.ports["metrics"] = await metrics.start("127.0.0.1", self.metrics_port)
+            traffic = TrafficGenerator(
+                clock, self._resolve, sc.traffic.rate_per_s, sc.traffic.path, sc.traffic.timeout_s,
+                sc.traffic.dns_ttl_s, sc.traffic.max_outstanding, self.seed, self.state.requests.append,
+            )
+            traffic.start(until=sc.duration_s)
+            tasks.append(asyncio.create_task(self._timeline(), name="timeline"))
+            tasks.append(asyncio.create_task(self._sampler(), name="sampler"))
+            tasks.append(asyncio.create_task(self._lag_monitor(), name="loop-lag"))
+            done = asyncio.create_task(clock.sleep_until(sc.duration_s))
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (done, stopped):
+                t.cancel()
+            self.complete = not stop.is_set()
+        finally:
+            self.end_sim = min(clock.now(), sc.duration_s)
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            if traffic is not None:
+                await traffic.stop()
+            await self.lb.stop()
+            await metrics.stop()
+            await self.fleet.close()
+        return self.summary()
+
+    def _balancer_config(self) -> BalancerConfig:
+        sc = self.scenario
+        hc = sc.health_check
+        return BalancerConfig(
+            zones=tuple(sc.zones),
+            check=CheckConfig(
+                protocol=hc.protocol, path=hc.path, interval_s=hc.interval_s, timeout_s=hc.timeout_s,
+                jitter=hc.jitter, success_codes=parse_success_codes(hc.success_codes),
+            ),
+            capacity=CheckerCapacity(
+                max_in_flight=sc.checker.max_in_flight, max_per_second=sc.checker.max_per_second,
+                transition_cost=sc.checker.transition_cost,
+            ),
+            healthy_threshold=hc.healthy_threshold,
+            unhealthy_threshold=hc.unhealthy_threshold,
+            quorum=hc.quorum,
+            cross_zone=sc.load_balancer.cross_zone,
+            selection=sc.load_balancer.selection,
+            deregistration_delay_s=sc.load_balancer.deregistration_delay_s,
+            terminate_unhealthy_connections=sc.load_balancer.terminate_unhealthy_connections,
+            connect_timeout_s=sc.load_balancer.connect_timeout_s,
+        )
+
+    def _resolve(self) -> tuple[str, ...]:
+        assert self.lb is not None and self.lb.dns is not None
+        return self.lb.dns.addresses()
+
+    async def _add_target(self, zone: str, ev: Event | None, in_service: bool = False) -> str:
+        assert self.fleet is not None and self.lb is not None
+        n = self._next_index.get(zone, 0)
+        self._next_index[zone] = n + 1
+        tid = f"{zone}-{n}"
+        host, port = await self.fleet.add(tid, zone)
+        if ev is not None and ev.register_ is not None:
+            # Network and backend state are set before registration: a new instance comes up as it is.
+            if ev.register_.path is not None:
+                p = ev.register_.path
+                await self.fleet.set_path(tid, p.state, cut_existing=p.cut_existing, **p.params())
+            if ev.register_.backend is not None:
+                b = ev.register_.backend
+                await self.fleet.set_backend(tid, b.mode, **b.params())
+        self.lb.register(Target(tid, zone, host, port), in_service=in_service)
+        return tid
+
+    def _select(self, ev: Event) -> list[str]:
+        assert self.lb is not None
+        ids = sorted(self.lb.targets)
+        if ev.zone is not None:
+            ids = [t for t in ids if self.lb.targets[t].zone == ev.zone]
+        if ev.targets is not None:
+            unknown = sorted(set(ev.targets) - set(self.lb.targets))
+            if unknown:
+                raise ScenarioError(f"{self.source}: event at {ev.at:g}: unknown targets {unknown}")
+            ids = [t for t in ids if t in set(ev.targets)]
+        if ev.count is not None:
+            ids = ids[: ev.count]
+        return ids
+
+    async def apply(self, ev: Event) -> list[str]:
+        """Carry out one timeline event now; return the targets it touched."""
+        assert self.fleet is not None and self.lb is not None
+        touched: list[str] = []
+        if ev.register_ is not None:
+            assert ev.zone is not None
+            for _ in range(ev.register_.count):
+                touched.append(await self._add_target(ev.zone, ev))
+        elif ev.set_policy is not None:
+            sp = ev.set_policy
+            try:
+                self.lb.set_policy_param(sp.policy, sp.param, sp.value)
+            except (ValueError, PolicyError) as e:
+                raise ScenarioError(f"{self.source}: event at {ev.at:g}: {e}") from None
+        else:
+            touched = self._select(ev)
+            for tid in touched:
+                if ev.path is not None:
+                    await self.fleet.set_path(tid, ev.path.state, cut_existing=ev.path.cut_existing,
+                                              **ev.path.params())
+                elif ev.backend is not None:
+                    await self.fleet.set_backend(tid, ev.backend.mode, **ev.backend.params())
+                elif ev.deregister:
+                    self.lb.deregister(tid)
+        self._log(self.clock.now(), "timeline", ev.action,
+                  {"targets": touched, "at": ev.at, "note": ev.note,
+                   "spec": ev.model_dump(exclude_none=True, by_alias=True, exclude={"at", "note"})})
+        return touched
+
+    async def _timeline(self) -> None:
+        for ev in sorted(self.scenario.timeline, key=lambda e: e.at):
+            await self.clock.sleep_until(ev.at)
+            await self.apply(ev)
+
+    async def _sampler(self) -> None:
+        interval = self.scenario.sample_interval_s
+        next_t = self.clock.now()
+        while True:
+            self._sample()
+            next_t += interval
+            await self.clock.sleep_until(next_t)
+
+    async def _lag_monitor(self) -> None:
+        """Measure how late the event loop wakes up. Everything shares one loop, so when it lags, probes and
+        requests time out for the simulator's sake, not the scenario's: the summary and CLI say so."""
+        period_wall = 0.02
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(period_wall)
+            lag = max(0.0, loop.time() - before - period_wall)
+            if len(self.state.loop_lag) < _LATENESS_RESERVOIR:
+                self.state.loop_lag.append(self.clock.to_sim(lag))
+
+    def _sample(self) -> None:
+        assert self.lb is not None and self.fleet is not None and self.lb.plan is not None
+        lb = self.lb
+        plan = lb.plan
+        assert plan is not None
+        registered = frozenset(t.id for t in lb.snapshot().registered())
+        self.state.admitted.update(plan.in_service)
+        routed = frozenset(t for ids in plan.routable.values() for t in ids)
+        can = frozenset(t for t in registered if self.fleet.can_serve(t))
+        s = Sample(self.clock.now(), registered, routed, lb.serving(), can, frozenset(self.state.admitted))
+        self.state.samples.append(s)
+        if self.on_progress is not None:
+            failed = sum(1 for r in self.state.requests if not r.ok)
+            self.on_progress(Progress(s.t, self.scenario.duration_s, len(s.serving & registered), len(registered),
+                                      len(lb.dns.zones) if lb.dns else 0, len(self.state.requests), failed))
+
+    # -- recording ---------------------------------------------------------------------------------------
+
+    def _on_lb_event(self, ev: LbEvent) -> None:
+        self._log(ev.at, ev.kind, ev.subject, {"detail": ev.detail} if ev.detail else {})
+
+    def _on_probe(self, report: ProbeReport) -> None:
+        st = self.state
+        st.probes_seen += 1
+        value = max(0.0, report.lateness_s)
+        if len(st.lateness) < _LATENESS_RESERVOIR:
+            st.lateness.append(value)
+        else:
+            j = self._rng.randrange(st.probes_seen)
+            if j < _LATENESS_RESERVOIR:
+                st.lateness[j] = value
+
+    def _log(self, at: float, kind: str, subject: str, extra: dict[str, Any]) -> None:
+        self.state.events.append({"t": round(at, 4), "kind": kind, "subject": subject, **extra})
+
+    # -- results -----------------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        st = self.state
+        out: dict[str, Any] = {
+            "scenario": self.scenario.name,
+            "policy": self.policy_name,
+            "policies": [p.describe() for p in self.policies],
+            "seed": self.seed,
+            "speed": self.speed,
+            "duration_s": round(self.end_sim, 3),
+            "complete": self.complete,
+        }
+        out.update(request_metrics((r.started, r.latency_s, r.ok) for r in st.requests))
+        out.update(capacity_metrics(st.samples, self.end_sim))
+        out.update(event_metrics((e["kind"], e["subject"]) for e in st.events))
+        out["checker_lateness_p99_s"] = percentile(st.lateness, 99)
+        out["probes_total"] = st.probes_seen
+        out["loop_lag_p99_s"] = percentile(st.loop_lag, 99)
+        out["fidelity_ok"] = self.fidelity_ok(out["loop_lag_p99_s"])
+        return out
+
+    def fidelity_ok(self, lag_p99_s: float | None) -> bool:
+        """A run is faithful while the loop's lag stays under a tenth of the shortest timeout it models."""
+        sc = self.scenario
+        return lag_p99_s is None or lag_p99_s < 0.1 * min(sc.health_check.timeout_s, sc.traffic.timeout_s)
+
+    def write(self, out_dir: Path, summary: dict[str, Any]) -> None:
+        """Write the run directory: resolved scenario, summary, events, and the sampled time series."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resolved = self.scenario.model_dump(mode="json", by_alias=True)
+        resolved.update({"policy": self.policy_entries, "speed": self.speed, "seed": self.seed})
+        (out_dir / "scenario.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with (out_dir / "events.jsonl").open("w") as f:
+            for e in self.state.events:
+                f.write(json.dumps(e) + "\n")
+        with (out_dir / "timeseries.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["t", "registered", "routed", "serving", "can_serve", "false_out", "missed_in"])
+            for s in self.state.samples:
+                w.writerow([round(s.t, 3), len(s.registered), len(s.routed), len(s.serving), len(s.can_serve),
+                            len((s.can_serve & s.admitted & s.registered) - s.routed), len(s.routed - s.can_serve)])
+        with (out_dir / "requests.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["started", "latency_s", "ok", "error"])
+            for r in self.state.requests:
+                w.writerow([round(r.started, 4), round(r.latency_s, 5), int(r.ok), r.error])
+

@@ -1,0 +1,60 @@
+"""Outcome metrics computed on hand-made samples, requests and events."""
+
+from __future__ import annotations
+
+from scenarios.outcomes import Sample, capacity_metrics, event_metrics, percentile, request_metrics
+
+
+def fs(*ids: str) -> frozenset[str]:
+    return frozenset(ids)
+
+
+def test_capacity_metrics_on_a_hand_made_series() -> None:
+    everyone = fs("a", "b", "c", "d")
+    samples = [
+        # t=0..10: all four serve and can serve.
+        Sample(0, everyone, everyone, everyone, everyone, everyone),
+        # t=10..20: b is ejected though it could serve (false), c is dead but still routed (missed).
+        Sample(10, everyone, fs("a", "c", "d"), fs("a", "c", "d"), fs("a", "b", "d"), everyone),
+        # t=20..25: zone of d leaves DNS: d routed but not serving; it could serve -> capacity lost, not false.
+        Sample(20, everyone, fs("a", "b", "d"), fs("a", "b"), fs("a", "b", "c", "d"), everyone),
+    ]
+    m = capacity_metrics(samples, end=25)
+    assert m["false_ejection_target_seconds"] == 10 + 5  # b for 10 s; c for 5 s at t=20 (can serve, not routed)
+    assert m["missed_ejection_target_seconds"] == 10  # c routed while dead
+    assert m["capacity_lost_target_seconds"] == 10 + 5 * 2  # b; then c and d
+    assert m["min_routable_fraction"] == 0.5
+
+
+def test_initial_targets_are_lost_capacity_but_not_false_ejections() -> None:
+    s = Sample(0, fs("a", "new"), fs("a"), fs("a"), fs("a", "new"), fs("a"))
+    m = capacity_metrics([s], end=10)
+    assert m["capacity_lost_target_seconds"] == 10
+    assert m["false_ejection_target_seconds"] == 0
+
+
+def test_request_metrics() -> None:
+    results = [(float(i), 0.01 * (i + 1), i % 10 != 0) for i in range(120)]  # 12 failures, 6 per minute
+    m = request_metrics(results)
+    assert m["requests_total"] == 120 and m["requests_failed"] == 12
+    assert m["availability"] == 0.9
+    assert m["worst_minute_availability"] == 0.9
+    assert m["latency_p99_s"] is not None and 1.18 <= m["latency_p99_s"] <= 1.2
+    assert request_metrics([])["availability"] == 1.0
+
+
+def test_worst_minute_finds_the_bad_minute() -> None:
+    results = [(1.0, 0.1, True)] * 10 + [(61.0, 0.1, False)] * 3 + [(62.0, 0.1, True)]
+    assert request_metrics(results)["worst_minute_availability"] == 0.25
+
+
+def test_event_metrics_counts_flaps_as_returns_after_ejection() -> None:
+    events = [("restored", "a"), ("ejected", "a"), ("restored", "a"), ("ejected", "a"), ("dns_removed", "z1"),
+              ("restored", "b")]
+    assert event_metrics(events) == {"ejections": 2, "flaps": 1, "dns_failovers": 1}
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([], 99) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(map(float, range(1, 101))), 99) == 99.0
