@@ -57,7 +57,7 @@ class LbEvent:
     """Something the balancer did, for a run's event log."""
 
     at: float
-    kind: str  # transition | ejected | restored | dns_removed | dns_added | mode
+    kind: str  # transition | ejected | admitted | restored | dns_removed | mode
     subject: str
     detail: str = ""
 
@@ -97,6 +97,7 @@ class LoadBalancer:
         self._evaluator: asyncio.Task[None] | None = None
         self._dirty = asyncio.Event()
         self._known_zone_modes: dict[str, ZoneMode] = {}
+        self._admitted: set[str] = set()  # targets that have been in service at least once
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -262,6 +263,7 @@ class LoadBalancer:
                 self._transition(t)
                 if t.new == TargetState.UNUSED:
                     self.targets.pop(t.target, None)
+                    self._admitted.discard(t.target)
                     self.board.forget(t.target)
                     self.passive.forget(t.target)
             self._evaluate()
@@ -281,8 +283,12 @@ class LoadBalancer:
             m.ejections.inc()
             self._emit(LbEvent(now, "ejected", tid))
         for tid in plan.restored:
-            m.restorations.inc()
-            self._emit(LbEvent(now, "restored", tid))
+            if tid in self._admitted:
+                m.restorations.inc()
+                self._emit(LbEvent(now, "restored", tid))
+            else:
+                self._admitted.add(tid)
+                self._emit(LbEvent(now, "admitted", tid))
         removed = self.dns.update(plan.dns)
         for zone in removed:
             m.dns_failovers.labels(zone).inc()

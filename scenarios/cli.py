@@ -99,6 +99,8 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/NAME-TIME).")] = None,
     metrics_port: Annotated[int, typer.Option(help="Loopback port for /metrics; 0 picks a free one.",
                                               min=0, max=65535)] = 0,
+    admin_port: Annotated[int, typer.Option(help="Loopback port of the backends' admin API; 0 picks a free one.",
+                                            min=0, max=65535)] = 0,
     loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -108,7 +110,7 @@ def run(
         for note in sc.health_check.aws_notes():
             console.print(f"[yellow]note:[/] {source}: health_check.{note} (fine for a compressed scenario)")
         r = ScenarioRun(sc, list(policy) if policy else None, source=source, speed=speed, seed=seed,
-                        metrics_port=metrics_port)
+                        metrics_port=metrics_port, admin_port=admin_port, on_started=print_ports)
     except (ScenarioError, PolicyError) as e:
         raise _fail(str(e)) from None
     target = out_dir or Path("runs") / f"{sc.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -124,6 +126,13 @@ def run(
     out.print(f"run directory: {target}")
     if not summary["complete"]:
         raise typer.Exit(130)
+
+
+def print_ports(ports: dict[str, Any]) -> None:
+    nodes = "  ".join(f"{zone}={addr}" for zone, addr in ports.get("nodes", {}).items())
+    console.print(f"metrics: http://127.0.0.1:{ports['metrics']}/metrics", highlight=False, soft_wrap=True)
+    console.print(f"admin API: http://127.0.0.1:{ports['admin']}/targets", highlight=False, soft_wrap=True)
+    console.print(f"load balancer nodes: {nodes}", highlight=False, soft_wrap=True)
 
 
 def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
+from backends.admin import AdminServer
 from backends.fleet import Targets
 from lb.balancer import BalancerConfig, LbEvent, LoadBalancer
 from lb.checker import CheckConfig, CheckerCapacity, ProbeReport
@@ -95,7 +96,9 @@ class ScenarioRun:
         speed: float | None = None,
         seed: int | None = None,
         metrics_port: int = 0,
+        admin_port: int = 0,
         on_progress: Callable[[Progress], None] | None = None,
+        on_started: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.scenario = scenario
         self.policy_entries = list(policy_entries if policy_entries else scenario.policy)
@@ -105,7 +108,9 @@ class ScenarioRun:
         self.speed = speed if speed is not None else scenario.speed
         self.seed = seed if seed is not None else scenario.seed
         self.metrics_port = metrics_port
+        self.admin_port = admin_port
         self.on_progress = on_progress
+        self.on_started = on_started
         self.state = RunState()
         self.complete = False
         self.started_wall = 0.0
@@ -129,6 +134,7 @@ class ScenarioRun:
         self.lb = LoadBalancer(self._balancer_config(), clock, self.policies, lb_registry, seed=self.seed,
                                on_event=self._on_lb_event, on_probe=self._on_probe)
         metrics = MetricsServer(lb_registry, self.fleet.registry)
+        admin = AdminServer(self.fleet, port=self.admin_port)
         traffic: TrafficGenerator | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -138,6 +144,9 @@ class ScenarioRun:
             nodes = await self.lb.start()
             self.state.ports["nodes"] = nodes
             self.state.ports["metrics"] = await metrics.start("127.0.0.1", self.metrics_port)
+            self.state.ports["admin"] = await admin.start()
+            if self.on_started is not None:
+                self.on_started(dict(self.state.ports))
             traffic = TrafficGenerator(
                 clock, self._resolve, sc.traffic.rate_per_s, sc.traffic.path, sc.traffic.timeout_s,
                 sc.traffic.dns_ttl_s, sc.traffic.max_outstanding, self.seed, self.state.requests.append,
@@ -163,6 +172,7 @@ class ScenarioRun:
                 await traffic.stop()
             await self.lb.stop()
             await metrics.stop()
+            await admin.stop()
             await self.fleet.close()
         return self.summary()
 
