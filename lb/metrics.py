@@ -44,7 +44,8 @@ class LbMetrics:
         self.transitions = Counter("lbsim_health_transitions_total", "Merged target health transitions",
                                    ["from_state", "to_state"], registry=r)
         self.ejections = Counter("lbsim_ejections_total", "Targets taken out of service", registry=r)
-        self.restorations = Counter("lbsim_restorations_total", "Targets returned to service after an ejection", registry=r)
+        self.restorations = Counter("lbsim_restorations_total", "Targets returned to service after an ejection",
+                                    registry=r)
         self.withheld = Counter("lbsim_ejections_withheld_total", "Ejections or removals a protection withheld",
                                 ["policy"], registry=r)
         self.zone_mode = Gauge("lbsim_zone_mode", "1 for the routing mode each zone node is in",
