@@ -38,6 +38,7 @@ class DnsCache:
 async def http_get(host: str, port: int, path: str, timeout_wall: float) -> str:
     """One request on a new connection (an NLB-style flow). Returns "" on a 2xx answer, else the error kind."""
     writer: asyncio.StreamWriter | None = None
+    clean = False
     try:
         async with asyncio.timeout(timeout_wall):
             reader, writer = await asyncio.open_connection(host, port)
@@ -49,6 +50,7 @@ async def http_get(host: str, port: int, path: str, timeout_wall: float) -> str:
             status = int(parts[1])
             while await reader.read(65536):  # read the whole answer: a request is done when its body is
                 pass
+            clean = True
             return "" if 200 <= status < 300 else f"status_{status}"
     except TimeoutError:
         return "timeout"
@@ -60,9 +62,12 @@ async def http_get(host: str, port: int, path: str, timeout_wall: float) -> str:
         return "reset"
     finally:
         if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            # A FIN after a complete answer, an RST otherwise. No wait_closed(): a cancelled request must end now,
+            # and the transport finishes closing on its own.
+            if clean:
+                writer.close()
+            else:
+                writer.transport.abort()
 
 
 class TrafficGenerator:
