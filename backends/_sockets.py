@@ -72,7 +72,8 @@ class Blackhole:
             # A client's connection may win the race for the single queue slot; then the filler's own SYN is
             # dropped and its connect would never finish. The queue is full either way, so stop waiting.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(filler, sock.getsockname()), 0.2)
+                async with asyncio.timeout(0.2):
+                    await asyncio.get_running_loop().sock_connect(filler, sock.getsockname())
         except BaseException:
             filler.close()
             sock.close()

@@ -432,7 +432,8 @@ class NetPath:
                 # connection_lost follows an abort within a loop turn or two; the bound only guards a bug.
                 self._all_gone = asyncio.Event()
                 try:
-                    await asyncio.wait_for(self._all_gone.wait(), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await self._all_gone.wait()
                 except TimeoutError:
                     # Every transport is aborted already (its fd closed); only the callbacks are late, e.g. on
                     # a loop overloaded by a fast run. Say so rather than fail the whole shutdown.

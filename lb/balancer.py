@@ -15,6 +15,7 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry
 
+from lb.aio import cancel_and_wait
 from lb.checker import CheckConfig, CheckerCapacity, NodeChecker, ProbeReport
 from lb.clock import ScaledClock
 from lb.dnsview import DnsView
@@ -131,11 +132,8 @@ class LoadBalancer:
         return dict(self.nodes)
 
     async def stop(self) -> None:
-        if self._evaluator is not None:
-            self._evaluator.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evaluator
-            self._evaluator = None
+        evaluator, self._evaluator = self._evaluator, None
+        await cancel_and_wait([evaluator])
         for checker in self.checkers.values():
             await checker.stop()
         for proxy in self.proxies.values():
@@ -256,8 +254,11 @@ class LoadBalancer:
     async def _evaluate_loop(self) -> None:
         interval = self.config.evaluate_interval_s
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that races the
+            # event, which made stop() hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self.clock.to_wall(interval))
+                async with asyncio.timeout(self.clock.to_wall(interval)):
+                    await self._dirty.wait()
             self._dirty.clear()
             for t in self.board.tick(self.clock.now()):
                 self._transition(t)

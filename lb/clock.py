@@ -55,7 +55,10 @@ class ScaledClock:
         await asyncio.sleep(max(0.0, sim_seconds) / self._speed)
 
     async def sleep_until(self, sim_time: float) -> None:
-        await self.sleep(sim_time - self.now())
+        # uvloop's timers can fire up to a millisecond early (they round to its cached loop time), so sleep
+        # again for the remainder rather than return before the deadline.
+        while (remaining := sim_time - self.now()) > 0:  # noqa: ASYNC110 - a deadline, not a condition to poll
+            await asyncio.sleep(remaining / self._speed)
 
 
 class ManualClock:

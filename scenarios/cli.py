@@ -51,7 +51,7 @@ def run_async(coro: Coroutine[Any, Any, T], loop: LoopKind) -> T:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+    console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -108,7 +108,8 @@ def run(
     try:
         sc, source = load_scenario(scenario)
         for note in sc.health_check.aws_notes():
-            console.print(f"[yellow]note:[/] {source}: health_check.{note} (fine for a compressed scenario)")
+            console.print(f"[yellow]note:[/] {source}: health_check.{note} (fine for a compressed scenario)",
+                          soft_wrap=True)
         r = ScenarioRun(sc, list(policy) if policy else None, source=source, speed=speed, seed=seed,
                         metrics_port=metrics_port, admin_port=admin_port, on_started=print_ports)
     except (ScenarioError, PolicyError) as e:
@@ -121,7 +122,8 @@ def run(
         console.print(
             f"[yellow]warning:[/] the event loop lagged {summary['loop_lag_p99_s']:.3g} sim s (p99), more than a "
             "tenth of the shortest timeout: this machine cannot keep up at this speed, so some timeouts are the "
-            "simulator's own. Lower --speed for faithful results."
+            "simulator's own. Lower --speed for faithful results.",
+            soft_wrap=True,
         )
     out.print(f"run directory: {target}")
     if not summary["complete"]:
@@ -173,7 +175,7 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
         try:
             return run_async(main(), loop)
         except OSError as e:
-            raise _fail(f"could not start: {e}") from None
+            raise _fail(f"could not start: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
 
 
 @app.command("scenarios")
@@ -210,7 +212,7 @@ def validate(scenario: Annotated[str, typer.Argument(help="A built-in scenario n
     except (ScenarioError, PolicyError) as e:
         raise _fail(str(e)) from None
     for note in sc.health_check.aws_notes():
-        console.print(f"[yellow]note:[/] {source}: health_check.{note}")
+        console.print(f"[yellow]note:[/] {source}: health_check.{note}", soft_wrap=True)
     out.print_json(json.dumps(sc.model_dump(mode="json", by_alias=True)))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import json
 import random
@@ -18,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from backends.admin import AdminServer
 from backends.fleet import Targets
+from lb.aio import cancel_and_wait
 from lb.balancer import BalancerConfig, LbEvent, LoadBalancer
 from lb.checker import CheckConfig, CheckerCapacity, ProbeReport
 from lb.clock import ScaledClock
@@ -158,16 +158,11 @@ class ScenarioRun:
             done = asyncio.create_task(clock.sleep_until(sc.duration_s))
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (done, stopped):
-                t.cancel()
+            await cancel_and_wait([done, stopped])
             self.complete = not stop.is_set()
         finally:
             self.end_sim = min(clock.now(), sc.duration_s)
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_and_wait(tasks)
             if traffic is not None:
                 await traffic.stop()
             await self.lb.stop()

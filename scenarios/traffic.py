@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lb.aio import cancel_and_wait
 from lb.clock import ScaledClock
 
 
@@ -126,12 +126,7 @@ class TrafficGenerator:
         self.on_result(RequestResult(started, self.clock.now() - started, err == "", err))
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._main, *self._tasks) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait([self._main, *self._tasks])
         self._tasks.clear()
         self._main = None
 
