@@ -1,7 +1,8 @@
-"""Shared helpers of the benchmarks (CPU from /proc, child processes, HAProxy, statistics) and the backend child.
+"""Helpers shared by the benchmarks, which measure nothing here: run python bench/checks.py or bench/proxy.py.
 
-Not a benchmark itself. `python bench/_common.py fleet --n 4` runs the backend child by hand: one BackendFleet
-process with N healthy aiohttp backends on 127.0.0.1, driven by JSON lines on stdin (see `fleet_main`).
+They cover CPU time from /proc, child processes, HAProxy, statistics, and the backend child:
+`python bench/_common.py fleet --n 4` runs that child by hand, one BackendFleet process with N healthy aiohttp
+backends on 127.0.0.1, driven by JSON lines on stdin (see `_fleet`).
 
 Every benchmark process tree is built the same way: the parent only orchestrates and sleeps; each measured
 program (backends, lbsim checker or proxy, HAProxy, wrk) is its own child process, so each can have a core and
@@ -14,9 +15,11 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import importlib.metadata
 import json
 import os
 import platform
+import resource
 import select
 import shutil
 import signal
@@ -26,12 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Kernel counters that explain latency outliers and failed connections on loopback (perf-anchors.md, note f):
@@ -57,6 +59,16 @@ def cpu_seconds(pid: int) -> float:
     fields = raw[raw.rindex(b")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), counted from field 3
     return (utime + stime) / CLK_TCK
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one: 1,000 backends, or 1,000 probes in flight, need more than
+    the common default of 1,024 descriptors (children and HAProxy inherit the limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def netstat() -> dict[str, int]:
@@ -124,14 +136,9 @@ class MachineWatch:
 
 def versions() -> str:
     parts = [f"Python {platform.python_version()}", f"kernel {platform.release()}"]
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        parts.append(f"uvloop {uvloop.__version__}")
-    with contextlib.suppress(ImportError):
-        import aiohttp
-
-        parts.append(f"aiohttp {aiohttp.__version__}")
+    for dist in ("uvloop", "aiohttp"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            parts.append(f"{dist} {importlib.metadata.version(dist)}")
     hap = haproxy_path()
     if hap:
         out = subprocess.run([hap, "-v"], capture_output=True, text=True, timeout=10, check=False).stdout
@@ -200,6 +207,7 @@ class Reaper:
         self.logdir = Path(tempfile.mkdtemp(prefix="lbsim-bench-"))
 
     def __enter__(self) -> Reaper:
+        raise_fd_limit()
         signal.signal(signal.SIGTERM, _raise_interrupted)
         signal.signal(signal.SIGHUP, _raise_interrupted)
         return self
@@ -320,14 +328,14 @@ class Child:
         return cpu_seconds(self.pid)
 
 
-def run_loop(main: Awaitable[None], loop: str) -> None:
+def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
     """Run a child's main coroutine on uvloop or the asyncio loop."""
     if loop == "uvloop":
         import uvloop
 
         uvloop.run(main)
     else:
-        asyncio.run(main)  # type: ignore[arg-type]
+        asyncio.run(main)
 
 
 def reply(obj: Json) -> None:
@@ -412,8 +420,10 @@ class HAProxy:
             s.settimeout(timeout_s)
             s.connect(str(self.stats_socket))
             s.sendall(cmd.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
+            chunks: list[bytes] = []
+            deadline = time.monotonic() + timeout_s
+            # HAProxy closes the socket after one answer; the deadline and size cap only guard against a wedge.
+            while (chunk := s.recv(65536)) and time.monotonic() < deadline and len(chunks) < 1000:
                 chunks.append(chunk)
         return b"".join(chunks).decode(errors="replace")
 
@@ -476,23 +486,17 @@ def fleet_main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args(argv)
+    raise_fd_limit()
     run_loop(_fleet(args.n), args.loop)
 
 
-@contextlib.contextmanager
-def quiet_child_signals() -> Iterator[None]:
-    """In a child: Ctrl-C is the parent's business (it stops us via stdin or SIGTERM)."""
+def ignore_sigint() -> None:
+    """In a child: Ctrl-C is the parent's business (it stops us through stdin, or SIGTERM)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    yield
-
-
-def write_stdout(text: str, stream: IO[str] = sys.stdout) -> None:
-    stream.write(text)
-    stream.flush()
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "fleet":
         sys.exit("usage: python bench/_common.py fleet --n N [--loop uvloop|asyncio]")
-    with quiet_child_signals():
-        fleet_main(sys.argv[2:])
+    ignore_sigint()
+    fleet_main(sys.argv[2:])

@@ -159,9 +159,17 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
     async def main() -> dict[str, Any]:
         stop = asyncio.Event()
         loop_ = asyncio.get_running_loop()
+        me = asyncio.current_task()
+
+        def on_signal() -> None:
+            # The first signal asks for a clean stop; a second one, if the stop itself is stuck, cancels the run.
+            if stop.is_set() and me is not None:
+                me.cancel()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop_.add_signal_handler(sig, stop.set)
+                loop_.add_signal_handler(sig, on_signal)
         try:
             if r.on_progress is not None and not quiet:
                 console.print(f"starting {r.scenario.name} at speed {r.speed:g} (Ctrl-C stops and keeps results)")
@@ -174,6 +182,9 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
     with progress:
         try:
             return run_async(main(), loop)
+        except asyncio.CancelledError:
+            console.print("stopped by a second signal; writing what was recorded")
+            return r.summary()
         except OSError as e:
             raise _fail(f"could not start: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
 
