@@ -244,14 +244,17 @@ class ProbeSchedule:
 
     # -- scheduling ----------------------------------------------------------------------------------------
 
-    def pop_due(self, now: float) -> list[DueProbe]:
-        """Every probe that may start at `now`, most overdue first; each is marked running (unless late)."""
+    def pop_due(self, now: float, lookahead: float = 0.0) -> list[DueProbe]:
+        """Every probe that may start at `now`, most overdue first; each is marked running (unless late).
+
+        `lookahead` also releases probes due up to that much later (they start early by at most that); tokens
+        and lateness are still judged at `now`."""
         self._refill(now)
         out: list[DueProbe] = []
         heap = self._heap
         while heap:
             due, seq, target = heap[0]
-            if due > now:
+            if due > now + lookahead:
                 break
             if self._entry.get(target) != seq:
                 heapq.heappop(heap)  # stale: the target was removed (or re-added) since this was planned
@@ -445,9 +448,14 @@ class NodeChecker:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         clock, schedule = self._clock, self._schedule
+        # Wake-ups are batched on a wall-clock grid (cheap: one timer per tick, not per probe). Rounding a wake-up
+        # *up* to the grid would start every probe up to one tick late; instead we wake a tick ahead and start
+        # what falls due within it, so a healthy checker starts probes at most one tick early, never late, and
+        # only saturation shows up as lateness.
+        lookahead = self.lookahead_s
         while True:
             now = clock.now()
-            for item in schedule.pop_due(now):
+            for item in schedule.pop_due(now, lookahead):
                 target = self._targets.get(item.target_id)
                 if target is None:  # removed by a report callback earlier in this batch
                     schedule.finish(item.target_id)
@@ -461,7 +469,12 @@ class NodeChecker:
                 self._kicked = False
                 continue
             wakeup = schedule.next_wakeup(now)
-            await self._sleep(loop, None if wakeup is None else wakeup - clock.now())
+            await self._sleep(loop, None if wakeup is None else wakeup - lookahead - clock.now())
+
+    @property
+    def lookahead_s(self) -> float:
+        """How early (sim seconds) a probe may start: one wake-up grid tick, or 0 without a grid."""
+        return self._grid * self._clock.speed if self._wall_timers and self._grid > 0 else 0.0
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, sim_seconds: float | None) -> None:
         """Sleep `sim_seconds` (None: until kicked), returning early when `_kick` is called."""
