@@ -197,7 +197,8 @@ def list_scenarios() -> None:
     table.add_column("what it teaches")
     for name in builtin_names():
         sc, _ = load_scenario(name)
-        table.add_row(name, sc.description.strip().split("\n")[0])
+        text = " ".join(sc.description.split())
+        table.add_row(name, text.split(". ")[0].rstrip(".") + ".")
     out.print(table)
 
 
