@@ -312,6 +312,13 @@ class _Relay:
         except OSError:
             path._count(Outcome.UPSTREAM_ERROR)
             _sockets.reset(self.client.transport)
+        except asyncio.CancelledError:
+            # uvloop closes a cancelled create_connection's transport without connection_lost, even after
+            # connection_made ran: forget that side here, or stop() waits its whole guard for it.
+            if upstream.transport is not None and upstream in path._sides:
+                _sockets.reset(upstream.transport)
+                path._lost(upstream)
+            raise
 
     def upstream_made(self, upstream: _Side) -> None:
         # Wired here rather than after create_connection returns: the upstream may speak first.

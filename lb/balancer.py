@@ -313,6 +313,8 @@ class LoadBalancer:
             m.targets.labels(zone, state).set(n)
         for zone, checker in self.checkers.items():
             m.checker_in_flight.labels(zone).set(checker.in_flight)
+        for zone, proxy in self.proxies.items():
+            m.active_connections.labels(zone).set(proxy.active)
         if self.config.terminate_unhealthy_connections and plan.ejected:
             still_routed = {tid for ids in plan.routable.values() for tid in ids}
             for tid in plan.ejected:

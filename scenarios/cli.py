@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -51,7 +52,7 @@ def run_async(coro: Coroutine[Any, Any, T], loop: LoopKind) -> T:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -77,7 +78,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     title = f"{summary['scenario']} / {summary['policy']} / seed {summary['seed']}"
     if not summary["complete"]:
         title += " (INCOMPLETE)"
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, label, fmt in SUMMARY_ROWS:
@@ -108,7 +109,8 @@ def run(
     try:
         sc, source = load_scenario(scenario)
         for note in sc.health_check.aws_notes():
-            console.print(f"[yellow]note:[/] {source}: health_check.{note} (fine for a compressed scenario)",
+            console.print(f"[yellow]note:[/] {escape(source)}: health_check.{escape(note)} "
+                          "(fine for a compressed scenario)",
                           soft_wrap=True)
         r = ScenarioRun(sc, list(policy) if policy else None, source=source, speed=speed, seed=seed,
                         metrics_port=metrics_port, admin_port=admin_port, on_started=print_ports)
@@ -125,7 +127,7 @@ def run(
             "simulator's own. Lower --speed for faithful results.",
             soft_wrap=True,
         )
-    out.print(f"run directory: {target}")
+    out.print(f"run directory: {escape(str(target))}", soft_wrap=True)
     if not summary["complete"]:
         raise typer.Exit(130)
 
@@ -147,7 +149,7 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
         console=console,
         disable=quiet,
     )
-    task = progress.add_task(f"{r.scenario.name} [{r.policy_name}]", total=r.scenario.duration_s, gauges="")
+    task = progress.add_task(escape(f"{r.scenario.name} [{r.policy_name}]"), total=r.scenario.duration_s, gauges="")
 
     def on_progress(p: RunProgress) -> None:
         gauges = (f"serving {p.serving}/{p.registered}  zones in DNS {p.zones_in_dns}  "
@@ -172,7 +174,8 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
                 loop_.add_signal_handler(sig, on_signal)
         try:
             if r.on_progress is not None and not quiet:
-                console.print(f"starting {r.scenario.name} at speed {r.speed:g} (Ctrl-C stops and keeps results)")
+                console.print(f"starting {escape(r.scenario.name)} at speed {r.speed:g} "
+                              "(Ctrl-C stops and keeps results)")
             return await r.run(stop)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -224,7 +227,7 @@ def validate(scenario: Annotated[str, typer.Argument(help="A built-in scenario n
     except (ScenarioError, PolicyError) as e:
         raise _fail(str(e)) from None
     for note in sc.health_check.aws_notes():
-        console.print(f"[yellow]note:[/] {source}: health_check.{note}", soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(source)}: health_check.{escape(note)}", soft_wrap=True)
     out.print_json(json.dumps(sc.model_dump(mode="json", by_alias=True)))
 
 
