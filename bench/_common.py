@@ -500,3 +500,15 @@ if __name__ == "__main__":
         sys.exit("usage: python bench/_common.py fleet --n N [--loop uvloop|asyncio]")
     ignore_sigint()
     fleet_main(sys.argv[2:])
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a bench's main with clean exits: 130 on Ctrl-C (children already stopped), 1 if a child failed."""
+    try:
+        main()
+    except (KeyboardInterrupt, Interrupted):
+        print("\ninterrupted: every child process was stopped", file=sys.stderr)
+        sys.exit(130)
+    except ChildError as exc:
+        print(f"\nbench failed: {exc}", file=sys.stderr)
+        sys.exit(1)

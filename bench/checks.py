@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -370,11 +369,4 @@ def _round(value: float | None, digits: int = 1) -> float | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (KeyboardInterrupt, c.Interrupted):
-        print("\ninterrupted: every child process was stopped", file=sys.stderr)
-        sys.exit(130)
-    except c.ChildError as exc:
-        print(f"\nbench failed: {exc}", file=sys.stderr)
-        sys.exit(1)
+    c.run_main(main)

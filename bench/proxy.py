@@ -25,7 +25,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -324,11 +323,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (KeyboardInterrupt, c.Interrupted):
-        print("\ninterrupted: every child process was stopped", file=sys.stderr)
-        sys.exit(130)
-    except c.ChildError as exc:
-        print(f"\nbench failed: {exc}", file=sys.stderr)
-        sys.exit(1)
+    c.run_main(main)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,6 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from support import open_sockets
 
 from backends.admin import AdminServer
 from backends.fleet import Targets, UnknownTarget
@@ -210,15 +209,6 @@ async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
-
-
-def open_sockets() -> int:
-    """Socket fds in /proc/self/fd (not all fds: uvloop keeps a /dev/null one per loop, on purpose)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the fd listdir itself used is gone already
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return count
 
 
 async def test_close_releases_every_socket_and_task() -> None:

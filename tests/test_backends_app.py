@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
+from support import open_sockets
 
 from backends.app import BackendFleet, BackendMode
 
@@ -163,15 +162,6 @@ async def test_rejected_mode_changes_leave_the_backend_as_it_was(fleet: BackendF
         await fleet.set_mode("nobody", "healthy")
     with pytest.raises(ValueError):
         await fleet.add("a")
-
-
-def open_sockets() -> int:
-    """Socket fds in /proc/self/fd (not all fds: uvloop keeps a /dev/null one per loop, on purpose)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the fd listdir itself used is gone already
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return count
 
 
 async def test_stop_releases_every_socket_and_task() -> None:

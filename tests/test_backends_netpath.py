@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from support import open_sockets
 
 from backends import _sockets
 from backends.netpath import NetPath, PathConfig, PathState, could_serve
@@ -263,15 +264,6 @@ async def test_state_change_spares_live_connections_unless_cut(path: NetPath) ->
     await close(writer)
     assert path.counts["cut"] == 1
     await ping(path.port)
-
-
-def open_sockets() -> int:
-    """Socket fds in /proc/self/fd (not all fds: uvloop keeps a /dev/null one per loop, on purpose)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the fd listdir itself used is gone already
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return count
 
 
 async def test_stop_releases_every_socket_and_task() -> None:

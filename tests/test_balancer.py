@@ -36,12 +36,12 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import uvloop
 from prometheus_client import CollectorRegistry
+from support import LOOPS, run_on
 
 from backends.app import BackendFleet
 from backends.fleet import Targets
@@ -55,10 +55,6 @@ from lb.targets import ProbeOutcome, Target, TargetState
 
 pytestmark = pytest.mark.timeout(40)
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 ZONES = ("a", "b", "c")
 SPEED = 4.0  # sim s per wall s: a probe every 0.25 s wall per target and node, timeouts of 125 ms wall
 INTERVAL = 1.0  # sim s
@@ -69,23 +65,6 @@ FLOAT_EPS = 1e-6
 MiB = 1024 * 1024
 
 assert SLACK < INTERVAL, "the slack must stay below one interval, or a skipped probe round would go unnoticed"
-
-
-def run_on(kind: str, body: Callable[[], Awaitable[None]], timeout: float = 30.0) -> None:
-    """Run `body` on a fresh loop of `kind`; fail on anything the loop's exception handler saw (a task that
-    died unobserved, a callback that raised) or any task left pending."""
-    errors: list[dict[str, Any]] = []
-
-    async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        async with asyncio.timeout(timeout):
-            await body()
-        leftover = asyncio.all_tasks() - {asyncio.current_task()}
-        assert not leftover, leftover
-
-    with asyncio.Runner(loop_factory=LOOPS[kind]) as runner:
-        runner.run(main())
-    assert not errors, errors
 
 
 class Rig:

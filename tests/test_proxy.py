@@ -12,43 +12,22 @@ import os
 import random
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
-import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import LOOPS, run_on
 
 from lb.proxy import ConnectionReport, ConnOutcome, FlowKey, NodeProxy
 from lb.targets import Target
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 HOST = "127.0.0.1"
 MiB = 1024 * 1024
 
 
 # -- harness ------------------------------------------------------------------------------------------------
-
-
-def run_on(kind: str, body: Callable[[], Awaitable[None]], timeout: float = 20.0) -> None:
-    """Run `body` on a fresh loop of `kind`; fail on any error the loop's exception handler saw or any task
-    left pending."""
-    errors: list[dict[str, Any]] = []
-
-    async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        async with asyncio.timeout(timeout):
-            await body()
-        leftover = asyncio.all_tasks() - {asyncio.current_task()}
-        assert not leftover, leftover
-
-    with asyncio.Runner(loop_factory=LOOPS[kind]) as runner:
-        runner.run(main())
-    assert not errors, errors
 
 
 @pytest.fixture(params=list(LOOPS))

@@ -1,0 +1,42 @@
+"""Helpers shared by the loopback tests: count open sockets, run a body on a fresh asyncio or uvloop loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def open_sockets() -> int:
+    """Socket fds in /proc/self/fd (not all fds: uvloop keeps a /dev/null one per loop, on purpose)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listdir itself used is gone already
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def run_on(kind: str, body: Callable[[], Awaitable[None]], timeout: float = 30.0) -> None:
+    """Run `body` on a fresh loop of `kind`; fail on anything the loop's exception handler saw (a task that
+    died unobserved, a callback that raised) or any task left pending."""
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        async with asyncio.timeout(timeout):
+            await body()
+        leftover = asyncio.all_tasks() - {asyncio.current_task()}
+        assert not leftover, leftover
+
+    with asyncio.Runner(loop_factory=LOOPS[kind]) as runner:
+        runner.run(main())
+    assert not errors, errors
