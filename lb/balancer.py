@@ -58,7 +58,7 @@ class LbEvent:
     """Something the balancer did, for a run's event log."""
 
     at: float
-    kind: str  # transition | ejected | admitted | restored | dns_removed | mode
+    kind: str  # transition | ejected | admitted | restored | dns_removed | dns_added | mode
     subject: str
     detail: str = ""
 
@@ -99,6 +99,7 @@ class LoadBalancer:
         self._dirty = asyncio.Event()
         self._known_zone_modes: dict[str, ZoneMode] = {}
         self._admitted: set[str] = set()  # targets that have been in service at least once
+        self._withheld_before: frozenset[tuple[str, str]] = frozenset()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -278,9 +279,16 @@ class LoadBalancer:
         now = snap.now
         m = self.metrics
         m.sim_time.set(now)
-        for policy, n in plan.withheld.items():
-            m.withheld.labels(policy).inc(n)
-        for tid in plan.ejected:
+        # A protection holds the same target back at every step; count each hold once, when it begins.
+        for policy, _ in plan.withheld_subjects - self._withheld_before:
+            m.withheld.labels(policy).inc()
+        self._withheld_before = plan.withheld_subjects
+        states = {t.id: t.state for t in snap.targets}
+        leaving = {TargetState.DRAINING, TargetState.UNUSED}
+        # A deregistered target leaves service by draining: that is not an ejection, and its live connections
+        # keep running until the deregistration delay ends.
+        ejected = [tid for tid in plan.ejected if states.get(tid) not in leaving]
+        for tid in ejected:
             m.ejections.inc()
             self._emit(LbEvent(now, "ejected", tid))
         for tid in plan.restored:
@@ -290,10 +298,12 @@ class LoadBalancer:
             else:
                 self._admitted.add(tid)
                 self._emit(LbEvent(now, "admitted", tid))
-        removed = self.dns.update(plan.dns)
+        removed, added = self.dns.update(plan.dns)
         for zone in removed:
             m.dns_failovers.labels(zone).inc()
             self._emit(LbEvent(now, "dns_removed", zone))
+        for zone in added:
+            self._emit(LbEvent(now, "dns_added", zone))
         published = set(self.dns.zones)
         for zone in self.config.zones:
             m.zone_in_dns.labels(zone).set(1 if zone in published else 0)
@@ -315,9 +325,9 @@ class LoadBalancer:
             m.checker_in_flight.labels(zone).set(checker.in_flight)
         for zone, proxy in self.proxies.items():
             m.active_connections.labels(zone).set(proxy.active)
-        if self.config.terminate_unhealthy_connections and plan.ejected:
+        if self.config.terminate_unhealthy_connections and ejected:
             still_routed = {tid for ids in plan.routable.values() for tid in ids}
-            for tid in plan.ejected:
+            for tid in ejected:
                 if tid not in still_routed:
                     for proxy in self.proxies.values():
                         proxy.close_target(tid)
@@ -325,6 +335,11 @@ class LoadBalancer:
     def _emit(self, event: LbEvent) -> None:
         if self._on_event is not None:
             self._on_event(event)
+
+    @property
+    def admitted(self) -> frozenset[str]:
+        """Targets that have been in service at least once."""
+        return frozenset(self._admitted)
 
     def zone_of(self, target_id: str) -> str:
         return self.targets[target_id].zone

@@ -38,6 +38,11 @@ class ScaledClock:
     def speed(self) -> float:
         return self._speed
 
+    def restart(self, start: float = 0.0) -> None:
+        """Make sim time `start` now (before a run begins, so set-up time is not scenario time)."""
+        self._origin_wall = time.monotonic()
+        self._origin_sim = start
+
     def now(self) -> float:
         return self._origin_sim + (time.monotonic() - self._origin_wall) * self._speed
 

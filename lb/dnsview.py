@@ -30,12 +30,13 @@ class DnsView:
     def addresses(self) -> tuple[str, ...]:
         return tuple(self._nodes[z] for z in self._published)
 
-    def update(self, dns: Mapping[str, bool]) -> list[str]:
-        """Apply a plan's DNS decision; return the zones that were just removed."""
+    def update(self, dns: Mapping[str, bool]) -> tuple[list[str], list[str]]:
+        """Apply a plan's DNS decision; return the zones just removed and the zones just added back."""
         zones = tuple(sorted(z for z, up in dns.items() if up and z in self._nodes)) or tuple(sorted(self._nodes))
         removed = [z for z in self._published if z not in zones]
+        added = [z for z in zones if z not in self._published]
         if zones != self._published:
             self._published = zones
             for listener in self._listeners:
                 listener(self.addresses())
-        return removed
+        return removed, added

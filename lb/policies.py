@@ -517,7 +517,7 @@ class MaxEjection(BuiltinPolicy):
                 self._ejected.add(t.id)
             else:
                 _restore(d, t.id)
-                d.withhold(self.name)
+                d.withhold(self.name, t.id)
         self._prev_in = {t.id for t in live if t.id in d.in_service}
 
 
@@ -591,7 +591,7 @@ class Velocity(BuiltinPolicy):
                         capacity -= 1
                     else:
                         _restore(d, t.id)
-                        d.withhold(self.name)
+                        d.withhold(self.name, t.id)
         self._prev_in = {t.id for t in live if t.id in d.in_service}
 
     def on_dns(self, snap: Snapshot, d: Decision) -> None:
@@ -614,7 +614,7 @@ class Velocity(BuiltinPolicy):
                         capacity -= cost
                     else:
                         d.dns[z] = True
-                        d.withhold(self.name)
+                        d.withhold(self.name, f"zone:{z}")
         self._prev_dns = {z for z in snap.zones if d.dns[z]}
 
 
@@ -819,7 +819,7 @@ class PassiveChecks(BuiltinPolicy):
                 and self.serving(t, now)
             ):
                 d.in_service.add(t.id)
-                d.withhold(self.name)
+                d.withhold(self.name, t.id)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -82,9 +82,14 @@ class Decision:
     withheld: Counter[str] = field(default_factory=Counter)  # policy name -> ejections it withheld this step
     suppressed: set[str] = field(default_factory=set)  # targets a policy holds out of service
 
-    def withhold(self, policy: str, n: int = 1) -> None:
+    withheld_subjects: set[tuple[str, str]] = field(default_factory=set)  # (policy, target id or "zone:Z")
+
+    def withhold(self, policy: str, subject: str | None = None, n: int = 1) -> None:
+        """Record that `policy` kept `subject` (a target, or "zone:NAME") from being removed at this step."""
         if n > 0:
             self.withheld[policy] += n
+            if subject is not None:
+                self.withheld_subjects.add((policy, subject))
 
 
 class Stage(IntEnum):
@@ -145,6 +150,7 @@ class RoutingPlan:
     in_service: frozenset[str]
     excluded: frozenset[str]
     withheld: Mapping[str, int]
+    withheld_subjects: frozenset[tuple[str, str]]  # (policy, subject) pairs held back at this step
     ejected: tuple[str, ...]  # targets that left the service set at this step
     restored: tuple[str, ...]  # targets that joined it at this step
 
@@ -190,6 +196,7 @@ class PolicyEngine:
             in_service=in_service,
             excluded=frozenset(d.excluded),
             withheld=dict(d.withheld),
+            withheld_subjects=frozenset(d.withheld_subjects),
             ejected=ejected,
             restored=restored,
         )

@@ -117,7 +117,11 @@ def run(
     except (ScenarioError, PolicyError) as e:
         raise _fail(str(e)) from None
     target = out_dir or Path("runs") / f"{sc.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    summary = run_with_progress(r, loop, quiet)
+    try:
+        summary = run_with_progress(r, loop, quiet)
+    except ScenarioError as e:
+        r.write(target, r.summary())  # what was recorded up to the failing event is kept
+        raise _fail(f"{e} (partial results in {target})") from None
     r.write(target, summary)
     out.print(summary_table(summary))
     if not summary["fidelity_ok"]:

@@ -10,7 +10,8 @@ Definitions (sim seconds; a sample's state holds until the next sample):
   new connections: health ejections, DNS failover and not-yet-admitted targets all count.
 - false_ejection_target_seconds: target-seconds in which a target that had been admitted once could serve but
   no zone node routed to it.
-- missed_ejection_target_seconds: target-seconds in which a zone node routed to a target that could not serve.
+- missed_ejection_target_seconds: target-seconds in which a target that could not serve was receiving new
+  connections (routed from a zone node that DNS publishes).
 - ejections: targets taken out of service; flaps: returns to service after an ejection.
 - dns_failovers: zone nodes removed from DNS.
 - checker_lateness_p99_s: 99th percentile of how late probes started against their schedule.
@@ -43,10 +44,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def _durations(samples: Sequence[Sample], end: float) -> list[float]:
+    """How long each sample's state held, cut at `end`: a run that overshoots its end (a lagging loop) must not
+    count time the scenario does not have."""
     out = []
     for i, s in enumerate(samples):
         nxt = samples[i + 1].t if i + 1 < len(samples) else end
-        out.append(max(0.0, nxt - s.t))
+        out.append(max(0.0, min(nxt, end) - s.t))
     return out
 
 
@@ -56,7 +59,7 @@ def capacity_metrics(samples: Sequence[Sample], end: float) -> dict[str, float]:
     for s, dt in zip(samples, _durations(samples, end), strict=True):
         lost += dt * len(s.can_serve & s.registered - s.serving)
         false_ej += dt * len((s.can_serve & s.admitted & s.registered) - s.routed)
-        missed += dt * len(s.routed - s.can_serve)
+        missed += dt * len(s.serving - s.can_serve)
         if s.registered:
             min_frac = min(min_frac, len(s.serving & s.registered) / len(s.registered))
     return {

@@ -69,7 +69,6 @@ class RunState:
     lateness: list[float] = field(default_factory=list)
     loop_lag: list[float] = field(default_factory=list)  # sim seconds
     probes_seen: int = 0
-    admitted: set[str] = field(default_factory=set)
     ports: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,6 +103,13 @@ class ScenarioRun:
         self.policy_entries = list(policy_entries if policy_entries else scenario.policy)
         self.policy_name = policy_label(self.policy_entries)
         self.policies = build_policies(self.policy_entries, source)
+        names = {p.name for p in self.policies}
+        for i, ev in enumerate(scenario.timeline):
+            if ev.set_policy is not None and ev.set_policy.policy not in names:
+                raise ScenarioError(
+                    f"{source}: timeline[{i}].set_policy.policy = {ev.set_policy.policy!r} is not among this run's "
+                    f"policies ({', '.join(sorted(names)) or 'none'})"
+                )
         self.source = source
         self.speed = speed if speed is not None else scenario.speed
         self.seed = seed if seed is not None else scenario.seed
@@ -117,6 +123,7 @@ class ScenarioRun:
         self.end_sim = 0.0
         self._rng = random.Random(self.seed)
         self._next_index: dict[str, int] = {}
+        self._lag_seen = 0
         self.lb: LoadBalancer | None = None
         self.fleet: Targets | None = None
 
@@ -141,6 +148,7 @@ class ScenarioRun:
             for zone in sc.zones:
                 for _ in range(sc.targets_per_zone):
                     await self._add_target(zone, None, in_service=sc.start_in_service)
+            clock.restart()  # setting up many targets takes wall time the scenario must not lose
             nodes = await self.lb.start()
             self.state.ports["nodes"] = nodes
             self.state.ports["metrics"] = await metrics.start("127.0.0.1", self.metrics_port)
@@ -152,12 +160,25 @@ class ScenarioRun:
                 sc.traffic.dns_ttl_s, sc.traffic.max_outstanding, self.seed, self.state.requests.append,
             )
             traffic.start(until=sc.duration_s)
-            tasks.append(asyncio.create_task(self._timeline(), name="timeline"))
+            timeline = asyncio.create_task(self._timeline(), name="timeline")
+            tasks.append(timeline)
             tasks.append(asyncio.create_task(self._sampler(), name="sampler"))
             tasks.append(asyncio.create_task(self._lag_monitor(), name="loop-lag"))
             done = asyncio.create_task(clock.sleep_until(sc.duration_s))
             stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            waiting = {done, stopped, timeline}
+            while not (done.done() or stopped.done()):
+                finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if timeline in finished:
+                    waiting.discard(timeline)
+                    if timeline.exception() is not None:
+                        raise timeline.exception()  # type: ignore[misc]
+            if done.done() and not stopped.done():
+                # Requests still in flight at the end are part of the run: wait for their verdicts (each is
+                # bounded by its timeout), or a failing end would look better than it was.
+                drain = asyncio.create_task(traffic.wait())
+                await asyncio.wait({drain, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                await cancel_and_wait([drain])
             await cancel_and_wait([done, stopped])
             self.complete = not stop.is_set()
         finally:
@@ -233,6 +254,10 @@ class ScenarioRun:
         """Carry out one timeline event now; return the targets it touched."""
         assert self.fleet is not None and self.lb is not None
         touched: list[str] = []
+        # Logged before it takes effect, so its consequences follow it in events.jsonl.
+        entry = self._log(self.clock.now(), "timeline", ev.action,
+                          {"at": ev.at, "note": ev.note,
+                           "spec": ev.model_dump(exclude_none=True, by_alias=True, exclude={"at", "note"})})
         if ev.register_ is not None:
             assert ev.zone is not None
             for _ in range(ev.register_.count):
@@ -253,9 +278,7 @@ class ScenarioRun:
                     await self.fleet.set_backend(tid, ev.backend.mode, **ev.backend.params())
                 elif ev.deregister:
                     self.lb.deregister(tid)
-        self._log(self.clock.now(), "timeline", ev.action,
-                  {"targets": touched, "at": ev.at, "note": ev.note,
-                   "spec": ev.model_dump(exclude_none=True, by_alias=True, exclude={"at", "note"})})
+        entry["targets"] = touched
         return touched
 
     async def _timeline(self) -> None:
@@ -280,8 +303,8 @@ class ScenarioRun:
             before = loop.time()
             await asyncio.sleep(period_wall)
             lag = max(0.0, loop.time() - before - period_wall)
-            if len(self.state.loop_lag) < _LATENESS_RESERVOIR:
-                self.state.loop_lag.append(self.clock.to_sim(lag))
+            self._reservoir(self.state.loop_lag, self.clock.to_sim(lag), self._lag_seen)
+            self._lag_seen += 1
 
     def _sample(self) -> None:
         assert self.lb is not None and self.fleet is not None and self.lb.plan is not None
@@ -289,10 +312,9 @@ class ScenarioRun:
         plan = lb.plan
         assert plan is not None
         registered = frozenset(t.id for t in lb.snapshot().registered())
-        self.state.admitted.update(plan.in_service)
         routed = frozenset(t for ids in plan.routable.values() for t in ids)
         can = frozenset(t for t in registered if self.fleet.can_serve(t))
-        s = Sample(self.clock.now(), registered, routed, lb.serving(), can, frozenset(self.state.admitted))
+        s = Sample(self.clock.now(), registered, routed, lb.serving(), can, lb.admitted)
         self.state.samples.append(s)
         if self.on_progress is not None:
             failed = sum(1 for r in self.state.requests if not r.ok)
@@ -306,17 +328,22 @@ class ScenarioRun:
 
     def _on_probe(self, report: ProbeReport) -> None:
         st = self.state
+        self._reservoir(st.lateness, max(0.0, report.lateness_s), st.probes_seen)
         st.probes_seen += 1
-        value = max(0.0, report.lateness_s)
-        if len(st.lateness) < _LATENESS_RESERVOIR:
-            st.lateness.append(value)
-        else:
-            j = self._rng.randrange(st.probes_seen)
-            if j < _LATENESS_RESERVOIR:
-                st.lateness[j] = value
 
-    def _log(self, at: float, kind: str, subject: str, extra: dict[str, Any]) -> None:
-        self.state.events.append({"t": round(at, 4), "kind": kind, "subject": subject, **extra})
+    def _reservoir(self, values: list[float], value: float, seen: int) -> None:
+        """Keep a uniform sample of at most _LATENESS_RESERVOIR values of a stream (`seen` before this one)."""
+        if len(values) < _LATENESS_RESERVOIR:
+            values.append(value)
+        else:
+            j = self._rng.randrange(seen + 1)
+            if j < _LATENESS_RESERVOIR:
+                values[j] = value
+
+    def _log(self, at: float, kind: str, subject: str, extra: dict[str, Any]) -> dict[str, Any]:
+        entry = {"t": round(at, 4), "kind": kind, "subject": subject, **extra}
+        self.state.events.append(entry)
+        return entry
 
     # -- results -----------------------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ class CheckerSpec(_Model):
 class LoadBalancerSpec(_Model):
     cross_zone: bool = False
     selection: Literal["flow-hash", "round-robin"] = "flow-hash"
-    deregistration_delay_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    deregistration_delay_s: Annotated[float, Field(ge=0, le=3600)] = 300.0  # AWS default
     terminate_unhealthy_connections: bool = True
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 

@@ -62,8 +62,8 @@ async def http_get(host: str, port: int, path: str, timeout_wall: float) -> str:
         return "reset"
     finally:
         if writer is not None:
-            # A FIN after a complete answer, an RST otherwise. No wait_closed(): a cancelled request must end now,
-            # and the transport finishes closing on its own.
+            # close() after a complete answer, abort() otherwise. No wait_closed(): a cancelled request must end
+            # now, and the transport finishes closing on its own.
             if clean:
                 writer.close()
             else:
@@ -106,8 +106,9 @@ class TrafficGenerator:
             next_at += self.rng.expovariate(self.rate)
             if next_at >= until:
                 return
-            await self.clock.sleep(next_at - self.clock.now())
-            now = self.clock.now()
+            await self.clock.sleep_until(next_at)
+            # A request is stamped with its scheduled time: a lagging loop must not move it (or past the end).
+            now = next_at
             if len(self._tasks) >= self.max_outstanding:
                 # Open loop: a client that cannot even send counts as a failed request, not a skipped one.
                 self.on_result(RequestResult(now, 0.0, False, "overload"))

@@ -58,3 +58,18 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([], 99) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile(list(map(float, range(1, 101))), 99) == 99.0
+
+
+def test_time_after_the_end_does_not_count() -> None:
+    everyone = fs("a", "b")
+    samples = [Sample(0, everyone, everyone, everyone, fs("a"), everyone),
+               Sample(8, everyone, everyone, everyone, fs("a"), everyone),
+               Sample(15, everyone, fs(), fs(), everyone, everyone)]  # taken after a lagging run's end
+    m = capacity_metrics(samples, end=10)
+    assert m["missed_ejection_target_seconds"] == 10  # b for 10 s, not 15
+    assert m["false_ejection_target_seconds"] == 0
+
+
+def test_missed_ejection_ignores_zones_dns_has_withdrawn() -> None:
+    s = Sample(0, fs("a", "b"), fs("a", "b"), fs("a"), fs("a"), fs("a", "b"))  # b routed by an unpublished node
+    assert capacity_metrics([s], end=10)["missed_ejection_target_seconds"] == 0

@@ -30,11 +30,11 @@ def test_dns_view_publishes_changes_and_never_empties() -> None:
     view = DnsView({"a": "127.0.0.1:1", "b": "127.0.0.1:2"})
     seen: list[tuple[str, ...]] = []
     view.subscribe(seen.append)
-    assert view.update({"a": True, "b": False}) == ["b"]
+    assert view.update({"a": True, "b": False}) == (["b"], [])
     assert view.addresses() == ("127.0.0.1:1",)
-    assert view.update({"a": True, "b": False}) == []  # no change, no notification
+    assert view.update({"a": True, "b": False}) == ([], [])  # no change, no notification
     # No zone published: the name still answers with every node (AWS: all zones failing -> all in).
-    assert view.update({"a": False, "b": False}) == []
+    assert view.update({"a": False, "b": False}) == ([], ["b"])
     assert view.addresses() == ("127.0.0.1:1", "127.0.0.1:2")
     assert seen == [("127.0.0.1:1", "127.0.0.1:2"), ("127.0.0.1:1",), ("127.0.0.1:1", "127.0.0.1:2")]
 
