@@ -124,6 +124,7 @@ class ScenarioRun:
         self._rng = random.Random(self.seed)
         self._next_index: dict[str, int] = {}
         self._lag_seen = 0
+        self._retiring: set[asyncio.Task[None]] = set()
         self.lb: LoadBalancer | None = None
         self.fleet: Targets | None = None
 
@@ -184,6 +185,8 @@ class ScenarioRun:
         finally:
             self.end_sim = min(clock.now(), sc.duration_s)
             await cancel_and_wait(tasks)
+            if self._retiring:
+                await asyncio.gather(*self._retiring, return_exceptions=True)
             if traffic is not None:
                 await traffic.stop()
             await self.lb.stop()
@@ -325,6 +328,12 @@ class ScenarioRun:
 
     def _on_lb_event(self, ev: LbEvent) -> None:
         self._log(ev.at, ev.kind, ev.subject, {"detail": ev.detail} if ev.detail else {})
+        if ev.kind == "transition" and ev.detail.endswith("->unused") and self.fleet is not None:
+            # The load balancer has forgotten the target; release its backend and network path too, so a run
+            # with churn does not hold every socket it ever opened.
+            task = asyncio.create_task(self.fleet.remove(ev.subject), name=f"retire-{ev.subject}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     def _on_probe(self, report: ProbeReport) -> None:
         st = self.state

@@ -1,0 +1,61 @@
+"""A scenario run in process: deregistration drains instead of ejecting, and a failing event stops the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.fleet import Targets
+from scenarios.runner import ScenarioRun
+from scenarios.schema import ScenarioError, parse_scenario
+
+BASE = {
+    "speed": 20,
+    "duration_s": 20,
+    "zones": ["a", "b"],
+    "targets_per_zone": 2,
+    "health_check": {"interval_s": 1, "timeout_s": 0.5, "healthy_threshold": 2, "unhealthy_threshold": 2},
+    "load_balancer": {"deregistration_delay_s": 3},
+    "traffic": {"rate_per_s": 10, "timeout_s": 1, "dns_ttl_s": 2},
+}
+
+
+async def test_deregistration_drains_and_releases_the_target() -> None:
+    sc = parse_scenario({**BASE, "name": "dereg", "timeline": [{"at": 4, "targets": ["a-0"], "deregister": True}]},
+                        "test")
+    removed: list[str] = []
+    run = ScenarioRun(sc)
+    original = Targets.remove
+
+    async def spy(self: Targets, target_id: str) -> None:
+        removed.append(target_id)
+        await original(self, target_id)
+
+    Targets.remove = spy  # type: ignore[method-assign]  # observe the real call; the real method still runs
+    try:
+        summary = await run.run()
+    finally:
+        Targets.remove = original  # type: ignore[method-assign]
+    kinds = [(e["kind"], e["subject"], e.get("detail", "")) for e in run.state.events]
+    assert ("transition", "a-0", "healthy->draining") in kinds
+    assert ("transition", "a-0", "draining->unused") in kinds
+    assert summary["ejections"] == 0  # leaving by deregistration is not an ejection
+    assert summary["complete"] and summary["requests_failed"] == 0
+    assert removed == ["a-0"]  # its backend and network path were released once it became unused
+
+
+async def test_a_failing_event_stops_the_run_and_keeps_results() -> None:
+    sc = parse_scenario({**BASE, "name": "bad", "timeline": [{"at": 2, "targets": ["z-9"], "path": {"state": "open"}}]},
+                        "test.yaml")
+    run = ScenarioRun(sc, source="test.yaml")
+    with pytest.raises(ScenarioError, match=r"test.yaml: event at 2: unknown targets \['z-9'\]"):
+        await run.run()
+    summary = run.summary()
+    assert summary["complete"] is False and summary["duration_s"] >= 2
+
+
+def test_set_policy_must_name_a_policy_of_the_run() -> None:
+    sc = parse_scenario({**BASE, "name": "x", "policy": ["fail-open"],
+                         "timeline": [{"at": 1, "set_policy": {"policy": "dns-failover", "param": "enabled",
+                                                               "value": False}}]}, "f.yaml")
+    with pytest.raises(ScenarioError, match=r"timeline\[0\]\.set_policy\.policy = 'dns-failover'"):
+        ScenarioRun(sc, source="f.yaml")
