@@ -20,6 +20,7 @@ Definitions (sim seconds; a sample's state holds until the next sample):
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -43,67 +44,125 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
-def _durations(samples: Sequence[Sample], end: float) -> list[float]:
-    """How long each sample's state held, cut at `end`: a run that overshoots its end (a lagging loop) must not
-    count time the scenario does not have."""
-    out = []
-    for i, s in enumerate(samples):
-        nxt = samples[i + 1].t if i + 1 < len(samples) else end
-        out.append(max(0.0, min(nxt, end) - s.t))
-    return out
+class CapacityTally:
+    """Capacity metrics added up sample by sample, so a long run keeps only the latest sample in memory.
+
+    A sample's state holds until the next sample, or until `end`: time past the scenario's end (a lagging loop
+    overshooting) is not counted.
+    """
+
+    def __init__(self) -> None:
+        self._last: Sample | None = None
+        self.lost = self.false_ejection = self.missed = 0.0
+        self.min_fraction = 1.0
+
+    def add(self, s: Sample) -> None:
+        if self._last is not None:
+            self._account(self._last, s.t)
+        self._last = s
+        if s.registered:
+            self.min_fraction = min(self.min_fraction, len(s.serving & s.registered) / len(s.registered))
+
+    def _account(self, s: Sample, until: float) -> None:
+        dt = max(0.0, until - s.t)
+        self.lost += dt * len(s.can_serve & s.registered - s.serving)
+        self.false_ejection += dt * len((s.can_serve & s.admitted & s.registered) - s.routed)
+        self.missed += dt * len(s.serving - s.can_serve)
+
+    def result(self, end: float) -> dict[str, float]:
+        lost, false_ej, missed = self.lost, self.false_ejection, self.missed
+        if self._last is not None:  # the last sample holds until the end, without being added twice
+            saved = (self.lost, self.false_ejection, self.missed)
+            self._account(self._last, end)
+            lost, false_ej, missed = self.lost, self.false_ejection, self.missed
+            self.lost, self.false_ejection, self.missed = saved
+        return {
+            "min_routable_fraction": round(self.min_fraction, 6),
+            "capacity_lost_target_seconds": round(lost, 3),
+            "false_ejection_target_seconds": round(false_ej, 3),
+            "missed_ejection_target_seconds": round(missed, 3),
+        }
 
 
 def capacity_metrics(samples: Sequence[Sample], end: float) -> dict[str, float]:
-    lost = false_ej = missed = 0.0
-    min_frac = 1.0
-    for s, dt in zip(samples, _durations(samples, end), strict=True):
-        lost += dt * len(s.can_serve & s.registered - s.serving)
-        false_ej += dt * len((s.can_serve & s.admitted & s.registered) - s.routed)
-        missed += dt * len(s.serving - s.can_serve)
-        if s.registered:
-            min_frac = min(min_frac, len(s.serving & s.registered) / len(s.registered))
-    return {
-        "min_routable_fraction": round(min_frac, 6),
-        "capacity_lost_target_seconds": round(lost, 3),
-        "false_ejection_target_seconds": round(false_ej, 3),
-        "missed_ejection_target_seconds": round(missed, 3),
-    }
+    tally = CapacityTally()
+    for s in samples:
+        if s.t >= end:
+            break
+        tally.add(s)
+    return tally.result(end)
+
+
+class RequestTally:
+    """Request metrics added up request by request: counters, per-minute buckets and a bounded latency sample."""
+
+    def __init__(self, latency_reservoir: int = 50_000, seed: int = 0) -> None:
+        self.total = self.failed = 0
+        self.per_minute: dict[int, list[int]] = {}
+        self._latencies: list[float] = []
+        self._ok_seen = 0
+        self._cap = latency_reservoir
+        self._rng = random.Random(seed)
+
+    def add(self, started: float, latency_s: float, ok: bool) -> None:
+        self.total += 1
+        bucket = self.per_minute.setdefault(int(started // 60), [0, 0])
+        bucket[0] += 1
+        if ok:
+            # Exact while there are fewer successes than the reservoir holds, a uniform sample after that.
+            if len(self._latencies) < self._cap:
+                self._latencies.append(latency_s)
+            else:
+                j = self._rng.randrange(self._ok_seen + 1)
+                if j < self._cap:
+                    self._latencies[j] = latency_s
+            self._ok_seen += 1
+        else:
+            self.failed += 1
+            bucket[1] += 1
+
+    def result(self) -> dict[str, float | int | None]:
+        worst = min((1 - f / n for n, f in self.per_minute.values()), default=1.0)
+        return {
+            "availability": round(1 - self.failed / self.total, 6) if self.total else 1.0,
+            "worst_minute_availability": round(worst, 6),
+            "requests_total": self.total,
+            "requests_failed": self.failed,
+            "latency_p99_s": percentile(self._latencies, 99),
+        }
 
 
 def request_metrics(results: Iterable[tuple[float, float, bool]]) -> dict[str, float | int | None]:
     """From (started, latency_s, ok) triples."""
-    total = failed = 0
-    per_minute: dict[int, list[int]] = {}
-    latencies: list[float] = []
+    tally = RequestTally()
     for started, latency, ok in results:
-        total += 1
-        bucket = per_minute.setdefault(int(started // 60), [0, 0])
-        bucket[0] += 1
-        if ok:
-            latencies.append(latency)
-        else:
-            failed += 1
-            bucket[1] += 1
-    worst = min((1 - f / n for n, f in per_minute.values()), default=1.0)
-    return {
-        "availability": round(1 - failed / total, 6) if total else 1.0,
-        "worst_minute_availability": round(worst, 6),
-        "requests_total": total,
-        "requests_failed": failed,
-        "latency_p99_s": percentile(latencies, 99),
-    }
+        tally.add(started, latency, ok)
+    return tally.result()
+
+
+class EventTally:
+    """Event metrics added up event by event, as the load balancer emits them in time order."""
+
+    def __init__(self) -> None:
+        self.ejections = self.flaps = self.dns_failovers = 0
+        self._ejected_once: set[str] = set()
+
+    def add(self, kind: str, subject: str) -> None:
+        if kind == "ejected":
+            self.ejections += 1
+            self._ejected_once.add(subject)
+        elif kind == "restored" and subject in self._ejected_once:
+            self.flaps += 1
+        elif kind == "dns_removed":
+            self.dns_failovers += 1
+
+    def result(self) -> dict[str, int]:
+        return {"ejections": self.ejections, "flaps": self.flaps, "dns_failovers": self.dns_failovers}
 
 
 def event_metrics(events: Iterable[tuple[str, str]]) -> dict[str, int]:
     """From (kind, subject) pairs in time order, as the load balancer emits them."""
-    ejections = flaps = dns_failovers = 0
-    ejected_once: set[str] = set()
+    tally = EventTally()
     for kind, subject in events:
-        if kind == "ejected":
-            ejections += 1
-            ejected_once.add(subject)
-        elif kind == "restored" and subject in ejected_once:
-            flaps += 1
-        elif kind == "dns_removed":
-            dns_failovers += 1
-    return {"ejections": ejections, "flaps": flaps, "dns_failovers": dns_failovers}
+        tally.add(kind, subject)
+    return tally.result()

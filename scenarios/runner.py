@@ -6,11 +6,13 @@ import asyncio
 import csv
 import json
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 from prometheus_client import CollectorRegistry
@@ -26,7 +28,7 @@ from lb.metrics import MetricsServer
 from lb.policies import PolicyError, make_policy, parse_policy_spec
 from lb.policy import Policy
 from lb.targets import Target
-from scenarios.outcomes import Sample, capacity_metrics, event_metrics, percentile, request_metrics
+from scenarios.outcomes import CapacityTally, RequestTally, Sample, event_metrics, percentile
 from scenarios.schema import Event, Scenario, ScenarioError
 from scenarios.traffic import RequestResult, TrafficGenerator
 
@@ -61,15 +63,33 @@ def policy_label(entries: list[str | dict[str, Any]]) -> str:
 
 @dataclass
 class RunState:
-    """Everything recorded during a run; what the run directory and summary are made of."""
+    """Everything recorded during a run; what the run directory and summary are made of.
 
-    samples: list[Sample] = field(default_factory=list)
-    requests: list[RequestResult] = field(default_factory=list)
+    Memory stays bounded by the run's events and one small row per sample: requests are tallied as they come
+    and spooled to a temporary file, and capacity is added up sample by sample.
+    """
+
+    capacity: CapacityTally = field(default_factory=CapacityTally)
+    requests: RequestTally = field(default_factory=RequestTally)
+    timeseries: list[tuple[float, int, int, int, int, int, int]] = field(default_factory=list)
+    # Spooled to disk rather than held in memory; closed (and so deleted) once the run directory is written.
+    request_log: IO[str] = field(default_factory=lambda: tempfile.TemporaryFile("w+", newline=""))  # noqa: SIM115
     events: list[dict[str, Any]] = field(default_factory=list)
     lateness: list[float] = field(default_factory=list)
     loop_lag: list[float] = field(default_factory=list)  # sim seconds
     probes_seen: int = 0
     ports: dict[str, Any] = field(default_factory=dict)
+
+    def add_request(self, r: RequestResult) -> None:
+        self.requests.add(r.started, r.latency_s, r.ok)
+        self.request_log.write(f"{r.started:.4f},{r.latency_s:.5f},{int(r.ok)},{r.error}\n")
+
+    def add_sample(self, s: Sample) -> None:
+        self.capacity.add(s)
+        false_out = len((s.can_serve & s.admitted & s.registered) - s.routed)
+        row = (round(s.t, 3), len(s.registered), len(s.routed), len(s.serving), len(s.can_serve), false_out,
+               len(s.serving - s.can_serve))
+        self.timeseries.append(row)
 
 
 @dataclass(frozen=True)
@@ -158,7 +178,7 @@ class ScenarioRun:
                 self.on_started(dict(self.state.ports))
             traffic = TrafficGenerator(
                 clock, self._resolve, sc.traffic.rate_per_s, sc.traffic.path, sc.traffic.timeout_s,
-                sc.traffic.dns_ttl_s, sc.traffic.max_outstanding, self.seed, self.state.requests.append,
+                sc.traffic.dns_ttl_s, sc.traffic.max_outstanding, self.seed, self.state.add_request,
             )
             traffic.start(until=sc.duration_s)
             timeline = asyncio.create_task(self._timeline(), name="timeline")
@@ -318,11 +338,12 @@ class ScenarioRun:
         routed = frozenset(t for ids in plan.routable.values() for t in ids)
         can = frozenset(t for t in registered if self.fleet.can_serve(t))
         s = Sample(self.clock.now(), registered, routed, lb.serving(), can, lb.admitted)
-        self.state.samples.append(s)
+        if s.t < self.scenario.duration_s:
+            self.state.add_sample(s)
         if self.on_progress is not None:
-            failed = sum(1 for r in self.state.requests if not r.ok)
+            req = self.state.requests
             self.on_progress(Progress(s.t, self.scenario.duration_s, len(s.serving & registered), len(registered),
-                                      len(lb.dns.zones) if lb.dns else 0, len(self.state.requests), failed))
+                                      len(lb.dns.zones) if lb.dns else 0, req.total, req.failed))
 
     # -- recording ---------------------------------------------------------------------------------------
 
@@ -367,8 +388,8 @@ class ScenarioRun:
             "duration_s": round(self.end_sim, 3),
             "complete": self.complete,
         }
-        out.update(request_metrics((r.started, r.latency_s, r.ok) for r in st.requests))
-        out.update(capacity_metrics(st.samples, self.end_sim))
+        out.update(st.requests.result())
+        out.update(st.capacity.result(self.end_sim))
         out.update(event_metrics((e["kind"], e["subject"]) for e in st.events))
         out["checker_lateness_p99_s"] = percentile(st.lateness, 99)
         out["probes_total"] = st.probes_seen
@@ -394,12 +415,12 @@ class ScenarioRun:
         with (out_dir / "timeseries.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["t", "registered", "routed", "serving", "can_serve", "false_out", "missed_in"])
-            for s in self.state.samples:
-                w.writerow([round(s.t, 3), len(s.registered), len(s.routed), len(s.serving), len(s.can_serve),
-                            len((s.can_serve & s.admitted & s.registered) - s.routed), len(s.routed - s.can_serve)])
+            w.writerows(self.state.timeseries)
+        log = self.state.request_log
+        log.flush()
+        log.seek(0)
         with (out_dir / "requests.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["started", "latency_s", "ok", "error"])
-            for r in self.state.requests:
-                w.writerow([round(r.started, 4), round(r.latency_s, 5), int(r.ok), r.error])
+            f.write("started,latency_s,ok,error\n")
+            shutil.copyfileobj(log, f)
+        log.seek(0, 2)  # back to the end, should the run be written again
 
