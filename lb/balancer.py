@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -304,33 +305,38 @@ class LoadBalancer:
             self._emit(LbEvent(now, "dns_removed", zone))
         for zone in added:
             self._emit(LbEvent(now, "dns_added", zone))
-        published = set(self.dns.zones)
-        for zone in self.config.zones:
-            m.zone_in_dns.labels(zone).set(1 if zone in published else 0)
-            mode = plan.zone_mode[zone]
-            for mo in ZoneMode:
-                m.zone_mode.labels(zone, mo.value).set(1 if mo == mode else 0)
-            if self._known_zone_modes.get(zone, ZoneMode.NORMAL) != mode:
-                self._emit(LbEvent(now, "mode", zone, mode.value))
-            self._known_zone_modes[zone] = mode
-            m.routable.labels(zone).set(len(plan.routable.get(zone, ())))
-            m.in_service.labels(zone).set(sum(1 for t in snap.targets if t.zone == zone and t.id in plan.in_service))
-        m.zones_in_dns.set(len(published))
-        counts: dict[tuple[str, str], int] = {(z, s.value): 0 for z in self.config.zones for s in TargetState}
-        for tv in snap.targets:
-            counts[(tv.zone, tv.state.value)] += 1
-        for (zone, state), n in counts.items():
-            m.targets.labels(zone, state).set(n)
-        for zone, checker in self.checkers.items():
-            m.checker_in_flight.labels(zone).set(checker.in_flight)
-        for zone, proxy in self.proxies.items():
-            m.active_connections.labels(zone).set(proxy.active)
+        self._export_gauges(snap, plan)
         if self.config.terminate_unhealthy_connections and ejected:
             still_routed = {tid for ids in plan.routable.values() for tid in ids}
             for tid in ejected:
                 if tid not in still_routed:
                     for proxy in self.proxies.values():
                         proxy.close_target(tid)
+
+    def _export_gauges(self, snap: Snapshot, plan: RoutingPlan) -> None:
+        """Set every gauge from the plan just made (counters are bumped where the changes are seen)."""
+        assert self.dns is not None
+        m = self.metrics
+        published = set(self.dns.zones)
+        in_service = Counter(t.zone for t in snap.targets if t.id in plan.in_service)
+        by_state = Counter((t.zone, t.state) for t in snap.targets)
+        for zone in self.config.zones:
+            m.zone_in_dns.labels(zone).set(1 if zone in published else 0)
+            mode = plan.zone_mode[zone]
+            for mo in ZoneMode:
+                m.zone_mode.labels(zone, mo.value).set(1 if mo == mode else 0)
+            if self._known_zone_modes.get(zone, ZoneMode.NORMAL) != mode:
+                self._emit(LbEvent(snap.now, "mode", zone, mode.value))
+            self._known_zone_modes[zone] = mode
+            m.routable.labels(zone).set(len(plan.routable.get(zone, ())))
+            m.in_service.labels(zone).set(in_service[zone])
+            for state in TargetState:
+                m.targets.labels(zone, state.value).set(by_state[(zone, state)])
+        m.zones_in_dns.set(len(published))
+        for zone, checker in self.checkers.items():
+            m.checker_in_flight.labels(zone).set(checker.in_flight)
+        for zone, proxy in self.proxies.items():
+            m.active_connections.labels(zone).set(proxy.active)
 
     def _emit(self, event: LbEvent) -> None:
         if self._on_event is not None:
@@ -340,11 +346,4 @@ class LoadBalancer:
     def admitted(self) -> frozenset[str]:
         """Targets that have been in service at least once."""
         return frozenset(self._admitted)
-
-    def zone_of(self, target_id: str) -> str:
-        return self.targets[target_id].zone
-
-    def routable_in(self, zones: Sequence[str]) -> set[str]:
-        plan = self.plan
-        return set() if plan is None else {t for z in zones for t in plan.routable.get(z, ())}
 

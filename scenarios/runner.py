@@ -268,7 +268,8 @@ class ScenarioRun:
             unknown = sorted(set(ev.targets) - set(self.lb.targets))
             if unknown:
                 raise ScenarioError(f"{self.source}: event at {ev.at:g}: unknown targets {unknown}")
-            ids = [t for t in ids if t in set(ev.targets)]
+            wanted = set(ev.targets)
+            ids = [t for t in ids if t in wanted]
         if ev.count is not None:
             ids = ids[: ev.count]
         return ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,3 +41,11 @@ def run_on(kind: str, body: Callable[[], Awaitable[None]], timeout: float = 30.0
     with asyncio.Runner(loop_factory=LOOPS[kind]) as runner:
         runner.run(main())
     assert not errors, errors
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll a condition with a deadline (the thing we wait on has no event to await)."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)

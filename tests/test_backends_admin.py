@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from support import open_sockets
+from support import open_sockets, wait_for
 
 from backends.admin import AdminServer
 from backends.fleet import Targets, UnknownTarget
@@ -201,14 +200,6 @@ async def test_registry_add_remove_and_errors() -> None:
         with pytest.raises(UnknownTarget):
             targets.can_serve("t")
         assert targets.snapshot() == []
-
-
-async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll a condition with a deadline (the thing we wait on has no event to await)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_close_releases_every_socket_and_task() -> None:

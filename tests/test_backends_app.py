@@ -5,25 +5,17 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from support import open_sockets
+from support import open_sockets, wait_for
 
 from backends.app import BackendFleet, BackendMode
 
 HOST = "127.0.0.1"
 # A socket closed by the garbage collector rather than by us is a leak: make its ResourceWarning fail.
 pytestmark = [pytest.mark.timeout(30), pytest.mark.filterwarnings("error::ResourceWarning")]
-
-
-async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll a condition with a deadline (the thing we wait on has no event to await)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

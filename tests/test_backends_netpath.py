@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from support import open_sockets
+from support import open_sockets, wait_for
 
 from backends import _sockets
 from backends.netpath import NetPath, PathConfig, PathState, could_serve
@@ -66,14 +66,6 @@ class Upstream:
         for writer in self.writers:
             writer.transport.abort()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll a condition with a deadline (the thing we wait on has no event to await)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

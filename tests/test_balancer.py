@@ -355,7 +355,7 @@ def test_all_targets_unhealthy(policy: str, how: str, expect: str | int) -> None
                     assert rig.metric("lbsim_proxy_connections_total", {"zone": zone, "outcome": "no_target"}) == 1
                 else:
                     assert lb.plan.zone_mode[zone] is ZoneMode.FAIL_OPEN
-                    assert set(lb.plan.routable[zone]) == {t for t in lb.targets if lb.zone_of(t) == zone}
+                    assert set(lb.plan.routable[zone]) == {t for t, target in lb.targets.items() if target.zone == zone}
                     status, payload = await http_get(node_port(lb, zone), f"/work?bytes={n}")
                     await until(lambda z=zone: lb.proxies[z].active == 0, SLACK_WALL_S, "the flow reported")
                     assert status == expect
