@@ -103,3 +103,6 @@ class ManualClock:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((self._now + sim_seconds, fut))
         await fut
+
+    async def sleep_until(self, sim_time: float) -> None:
+        await self.sleep(sim_time - self._now)
