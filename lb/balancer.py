@@ -104,8 +104,20 @@ class LoadBalancer:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", ports: Mapping[str, int] | None = None) -> dict[str, str]:
-        """Open one listener per zone and start every checker; return zone -> listener address."""
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        ports: Mapping[str, int] | None = None,
+        hosts: Mapping[str, str] | None = None,
+        same_port: bool = False,
+    ) -> dict[str, str]:
+        """Open one listener per zone and start every checker; return zone -> listener address.
+
+        `hosts` gives a zone's node its own address (e.g. 127.0.1.1, 127.0.1.2 ...). With `same_port`, every node
+        listens on the port the first one got, so the load balancer's name can be served as plain A records,
+        one address per zone, as a real NLB's is.
+        """
+        shared: int | None = None
         try:
             for i, zone in enumerate(self.config.zones):
                 proxy = NodeProxy(
@@ -114,9 +126,12 @@ class LoadBalancer:
                     on_outcome=self._on_connection,
                     connect_timeout_s_wall=self.clock.to_wall(self.config.connect_timeout_s),
                 )
-                port = await proxy.start(host, (ports or {}).get(zone, 0))
+                node_host = (hosts or {}).get(zone, host)
+                port = await proxy.start(node_host, shared if shared is not None else (ports or {}).get(zone, 0))
+                if same_port:
+                    shared = port
                 self.proxies[zone] = proxy
-                self.nodes[zone] = f"{host}:{port}"
+                self.nodes[zone] = f"{node_host}:{port}"
                 checker = NodeChecker(
                     zone, self.clock, self.config.check, self.config.capacity, self._on_report, seed=self._seed + i
                 )

@@ -30,7 +30,7 @@ from lb.policy import Policy
 from lb.targets import Target
 from scenarios.outcomes import CapacityTally, RequestTally, Sample, event_metrics, percentile
 from scenarios.schema import Event, Scenario, ScenarioError
-from scenarios.traffic import RequestResult, TrafficGenerator
+from scenarios.traffic import DnsCache, RequestResult, TrafficGenerator
 
 # Lateness samples kept for the p99: a bounded reservoir, so a long run cannot grow memory without limit.
 _LATENESS_RESERVOIR = 20000
@@ -176,9 +176,14 @@ class ScenarioRun:
             self.state.ports["admin"] = await admin.start()
             if self.on_started is not None:
                 self.on_started(dict(self.state.ports))
+            cache = DnsCache(self._resolve, sc.traffic.dns_ttl_s)
+
+            async def lookup(now: float) -> tuple[str, ...]:
+                return cache.lookup(now)
+
             traffic = TrafficGenerator(
-                clock, self._resolve, sc.traffic.rate_per_s, sc.traffic.path, sc.traffic.timeout_s,
-                sc.traffic.dns_ttl_s, sc.traffic.max_outstanding, self.seed, self.state.add_request,
+                clock, lookup, sc.traffic.rate_per_s, sc.traffic.path, sc.traffic.timeout_s,
+                sc.traffic.max_outstanding, self.seed, self.state.add_request,
             )
             traffic.start(until=sc.duration_s)
             timeline = asyncio.create_task(self._timeline(), name="timeline")

@@ -124,6 +124,141 @@ class PolicyParam(_Model):
     value: Any
 
 
+class DnsProtectionsSpec(_Model):
+    """The three DNS-plan protections (research/aws-facts.md 3); all off reproduces the 2025-10-20 race."""
+
+    cas: bool = False
+    keep_active: bool = False
+    guard: bool = False
+    min_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+class DnsSpec(_Model):
+    planner_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    enactors: list[str] | None = None  # default: one per zone, as AWS runs one per AZ
+    apply_time_s: Annotated[float, Field(ge=0)] = 0.5
+    retry_s: Annotated[float, Field(gt=0)] = 1.0
+    enactor_poll_s: Annotated[float, Field(gt=0)] = 1.0
+    keep_generations: Annotated[int, Field(ge=0, le=1000)] = 3
+    ttl_s: Annotated[int, Field(ge=0, le=86400)] = 5  # of the lease store's record; sim seconds
+    protections: DnsProtectionsSpec = DnsProtectionsSpec()
+
+
+class LeaseStoreSpec(_Model):
+    capacity_per_s: Annotated[float, Field(gt=0)] = 200.0
+    base_latency_s: Annotated[float, Field(ge=0)] = 0.005
+    load_latency_factor: Annotated[float, Field(ge=0)] = 4.0
+
+
+class HostManagerSpec(_Model):
+    hosts: Annotated[int, Field(ge=1, le=5000)] = 60
+    lease_ttl_s: Annotated[float, Field(gt=0)] = 300.0
+    renew_interval_s: Annotated[float, Field(gt=0)] = 60.0
+    ttl_spread: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    renew_concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
+    workers: Annotated[int, Field(ge=1, le=1000)] = 4
+    item_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    base_service_s: Annotated[float, Field(ge=0)] = 1.0
+    per_depth_s: Annotated[float, Field(ge=0)] = 0.5
+    max_depth: Annotated[int, Field(ge=1)] | None = None
+    throttle_per_s: Annotated[float, Field(gt=0)] | None = None
+    retry_s: Annotated[float, Field(gt=0)] = 5.0
+    slots_per_host: Annotated[int, Field(ge=1, le=1000)] = 4
+
+
+class NetworkManagerSpec(_Model):
+    rate_per_s: Annotated[float, Field(gt=0)] = 2.0
+    max_depth: Annotated[int, Field(ge=1)] | None = None
+    partial_s: Annotated[float, Field(ge=0)] = 0.0
+    partial_loss: Annotated[float, Field(ge=0, le=1)] = 0.4
+
+
+class InstancesSpec(_Model):
+    launch_time_s: Annotated[float, Field(ge=0)] = 2.0
+    launch_rate_per_s: Annotated[float, Field(gt=0)] | None = None
+    autoscale_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    max_launch_per_tick: Annotated[int, Field(ge=0, le=1000)] = 5
+    desired_per_zone: Annotated[int, Field(ge=0, le=500)] | None = None  # default: targets_per_zone
+
+
+class ControlPlaneSpec(_Model):
+    """The emulated control plane the backends depend on; absent = targets with no control plane at all."""
+
+    dns: DnsSpec = DnsSpec()
+    lease_store: LeaseStoreSpec = LeaseStoreSpec()
+    host_manager: HostManagerSpec = HostManagerSpec()
+    network_manager: NetworkManagerSpec = NetworkManagerSpec()
+    instances: InstancesSpec = InstancesSpec()
+
+
+ComponentName = Literal["dns", "lease_store", "host_manager", "network_manager", "instances"]
+
+# component -> action -> (required parameters, optional parameters). A parameter set to null counts as given:
+# `per_s: null` lifts a throttle.
+CONTROL_ACTIONS: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
+    "dns": {
+        "delay-enactor": (frozenset({"enactor", "delay_s"}), frozenset({"writes"})),
+        "fail-writes": (frozenset({"enactor", "count"}), frozenset()),
+        "restore": (frozenset(), frozenset()),
+        "pause": (frozenset(), frozenset()),
+        "resume": (frozenset(), frozenset()),
+    },
+    "lease_store": {"set-capacity": (frozenset({"capacity_per_s"}), frozenset())},
+    "host_manager": {
+        "throttle": (frozenset({"per_s"}), frozenset()),
+        "restart": (frozenset(), frozenset()),
+        "set-admission": (frozenset({"max_depth"}), frozenset()),
+    },
+    "network_manager": {
+        "set-rate": (frozenset({"rate_per_s"}), frozenset()),
+        "set-admission": (frozenset({"max_depth"}), frozenset()),
+    },
+    "instances": {
+        "set-desired": (frozenset({"count"}), frozenset({"zone"})),
+        "launch": (frozenset({"zone", "count"}), frozenset()),
+        "terminate": (frozenset({"count"}), frozenset({"zone"})),
+        "set-launch-rate": (frozenset({"per_s"}), frozenset()),
+    },
+}
+
+
+class ControlAction(_Model):
+    """An operator or fault action on one control-plane component (see CONTROL_ACTIONS for what each takes)."""
+
+    component: ComponentName
+    action: str
+    enactor: str | None = None
+    delay_s: Annotated[float, Field(ge=0)] | None = None
+    writes: Annotated[int, Field(ge=1)] | None = None
+    count: Annotated[int, Field(ge=0, le=10000)] | None = None
+    zone: str | None = None
+    per_s: Annotated[float, Field(gt=0)] | None = None
+    rate_per_s: Annotated[float, Field(gt=0)] | None = None
+    capacity_per_s: Annotated[float, Field(gt=0)] | None = None
+    max_depth: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _params_fit(self) -> ControlAction:
+        actions = CONTROL_ACTIONS[self.component]
+        if self.action not in actions:
+            raise ValueError(f"action {self.action!r} of component {self.component!r} must be one of {sorted(actions)}")
+        required, optional = actions[self.action]
+        given = set(self.model_fields_set) - {"component", "action"}
+        missing = sorted(required - given)
+        extra = sorted(given - required - optional)
+        if missing:
+            raise ValueError(f"{self.component} {self.action} needs {', '.join(missing)}")
+        if extra:
+            allowed = sorted(required | optional)
+            raise ValueError(
+                f"{self.component} {self.action} takes {', '.join(allowed) or 'no parameters'}, not {', '.join(extra)}"
+            )
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in sorted(self.model_fields_set - {"component", "action"})}
+
+
 class Event(_Model):
     """One timeline entry: at `at` sim seconds, do exactly one action to the selected targets."""
 
@@ -136,17 +271,18 @@ class Event(_Model):
     register_: Register | None = Field(None, alias="register")  # `register` would shadow BaseModel's
     deregister: bool = False
     set_policy: PolicyParam | None = None
+    control: ControlAction | None = None
     note: str = ""
 
     @model_validator(mode="after")
     def _one_action(self) -> Event:
-        kinds = ("path", "backend", "register_", "set_policy")
+        kinds = ("path", "backend", "register_", "set_policy", "control")
         actions = [n.rstrip("_") for n in kinds if getattr(self, n) is not None]
         if self.deregister:
             actions.append("deregister")
         if len(actions) != 1:
             raise ValueError(
-                "each event needs exactly one action of: path, backend, register, deregister, set_policy "
+                "each event needs exactly one action of: path, backend, register, deregister, set_policy, control "
                 f"(got {', '.join(actions) or 'none'})"
             )
         if self.register_ is not None and self.zone is None:
@@ -158,6 +294,8 @@ class Event(_Model):
         for n in ("path", "backend", "register_", "set_policy"):
             if getattr(self, n) is not None:
                 return n.rstrip("_")
+        if self.control is not None:
+            return f"{self.control.component}:{self.control.action}"
         return "deregister"
 
 
@@ -179,6 +317,7 @@ class Scenario(_Model):
     policy: list[PolicyEntry] = ["aws"]
     traffic: TrafficSpec = TrafficSpec()
     sample_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    control_plane: ControlPlaneSpec | None = None
     timeline: list[Event] = []
 
     @field_validator("zones")
@@ -198,7 +337,26 @@ class Scenario(_Model):
                 raise ValueError(f"timeline[{i}].at = {ev.at:g} is after duration_s = {self.duration_s:g}")
             if ev.zone is not None and ev.zone not in self.zones:
                 raise ValueError(f"timeline[{i}].zone = {ev.zone!r} is not one of the zones {self.zones}")
+            if ev.control is not None:
+                self._check_control(i, ev.control)
+        if self.control_plane is not None and self.control_plane.dns.enactors is not None:
+            names = self.control_plane.dns.enactors
+            if not names or len(set(names)) != len(names):
+                raise ValueError("control_plane.dns.enactors must be a non-empty list of unique names")
         return self
+
+    def enactor_names(self) -> list[str]:
+        cp = self.control_plane
+        return list(cp.dns.enactors) if cp is not None and cp.dns.enactors is not None else list(self.zones)
+
+    def _check_control(self, i: int, c: ControlAction) -> None:
+        where = f"timeline[{i}].control"
+        if self.control_plane is None:
+            raise ValueError(f"{where}: acts on the control plane, but the scenario has no `control_plane` section")
+        if c.enactor is not None and c.enactor not in self.enactor_names():
+            raise ValueError(f"{where}.enactor = {c.enactor!r} is not one of the enactors {self.enactor_names()}")
+        if c.zone is not None and c.zone not in self.zones:
+            raise ValueError(f"{where}.zone = {c.zone!r} is not one of the zones {self.zones}")
 
 
 def builtin_names() -> list[str]:
@@ -215,7 +373,11 @@ def _format_validation(source: str, err: ValidationError) -> str:
             msg = "unknown field"
         elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
             msg = f"must be one of {e['ctx']['expected']}"
-        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        got = e.get("input")
+        # A whole mapping as "got" buries the message; the message names what is wrong in it instead.
+        lines.append(f"  {loc}: {msg}" if isinstance(got, dict | list) else f"  {loc}: {msg} (got {got!r})")
     return "\n".join(lines)
 
 

@@ -1,10 +1,10 @@
-"""Open-loop client traffic to the load balancer's nodes, resolved through its DNS view with a cached TTL."""
+"""Open-loop client traffic to the load balancer's nodes, found by a DNS lookup that caches answers for a TTL."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from lb.aio import cancel_and_wait
@@ -76,17 +76,18 @@ class TrafficGenerator:
     def __init__(
         self,
         clock: ScaledClock,
-        resolve: Callable[[], tuple[str, ...]],
+        lookup: Callable[[float], Awaitable[Sequence[str]]],
         rate_per_s: float,
         path: str,
         timeout_s: float,
-        dns_ttl_s: float,
         max_outstanding: int,
         seed: int,
         on_result: Callable[[RequestResult], None],
     ) -> None:
+        """`lookup(now)` gives the "host:port" node addresses a client would get now; it caches by TTL itself
+        (a `DnsCache` over the load balancer's DNS view, or a real resolver asking the control plane's DNS)."""
         self.clock = clock
-        self.cache = DnsCache(resolve, dns_ttl_s)
+        self.lookup = lookup
         self.rate = rate_per_s
         self.path = path
         self.timeout_s = timeout_s
@@ -113,17 +114,21 @@ class TrafficGenerator:
                 # Open loop: a client that cannot even send counts as a failed request, not a skipped one.
                 self.on_result(RequestResult(now, 0.0, False, "overload"))
                 continue
-            addresses = self.cache.lookup(now)
-            if not addresses:
-                self.on_result(RequestResult(now, 0.0, False, "no_address"))
-                continue
-            host, _, port = self.rng.choice(addresses).rpartition(":")
-            task = asyncio.create_task(self._one(host, int(port), now))
+            # Drawn here, not in the request, so the sequence of choices depends on the seed alone.
+            pick = self.rng.random()
+            task = asyncio.create_task(self._one(now, pick))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _one(self, host: str, port: int, started: float) -> None:
-        err = await http_get(host, port, self.path, self.clock.to_wall(self.timeout_s))
+    async def _one(self, started: float, pick: float) -> None:
+        # The lookup is part of the request: a resolver that times out costs the client its time.
+        addresses = await self.lookup(started)
+        if not addresses:
+            self.on_result(RequestResult(started, self.clock.now() - started, False, "no_address"))
+            return
+        host, _, port = addresses[int(pick * len(addresses)) % len(addresses)].rpartition(":")
+        remaining = self.timeout_s - (self.clock.now() - started)
+        err = await http_get(host, int(port), self.path, self.clock.to_wall(max(remaining, 0.0)))
         self.on_result(RequestResult(started, self.clock.now() - started, err == "", err))
 
     async def stop(self) -> None:

@@ -657,3 +657,33 @@ def test_net_path_stop_just_after_an_upstream_dial_completes_is_prompt(loop_kind
             await fleet.stop()
 
     run_on(loop_kind, body)
+
+
+def test_nodes_on_their_own_addresses_share_one_port_and_carry_requests() -> None:
+    """With per-zone node addresses and `same_port`, the load balancer's name can be A records: each node
+    listens on its own loopback address, all on one port, and each carries traffic to its zone."""
+    hosts = {"a": "127.0.1.1", "b": "127.0.1.2", "c": "127.0.1.3"}
+
+    async def body() -> None:
+        rig = Rig("naive", per_zone=1)
+        for zone in ZONES:
+            host, port = await rig.fleet.add(f"{zone}-0", zone)
+            rig.lb.register(Target(f"{zone}-0", zone, host, port), in_service=True)
+        try:
+            nodes = await rig.lb.start(hosts=hosts, same_port=True)
+            ports = {addr.rpartition(":")[2] for addr in nodes.values()}
+            assert len(ports) == 1
+            assert {z: addr.rpartition(":")[0] for z, addr in nodes.items()} == hosts
+            port = int(ports.pop())
+            for zone, host in hosts.items():
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(b"GET /work?bytes=3 HTTP/1.1\r\nHost: lbsim\r\nConnection: close\r\n\r\n")
+                answer = await reader.read()
+                writer.close()
+                await writer.wait_closed()
+                assert answer.startswith(b"HTTP/1.1 200"), (zone, answer[:40])
+                assert answer.endswith(b"xxx")
+        finally:
+            await rig.close()
+
+    run_on("asyncio", body)

@@ -1,0 +1,174 @@
+"""Finds the stages of a control-plane cascade in a run's sampled time series, from the metrics alone.
+
+The stages are the links of the 2025-10-20 chain (research/aws-facts.md 2). Each is detected from what the run
+recorded, never copied from the timeline, so a policy or protection that prevents a stage makes it vanish:
+1. `dns-record-empty`: the lease store's DNS record has no address (`cp_record == 0`).
+2. `leases-expiring`: from the first host lease lost until the leased count reaches its lowest point.
+3. `host-manager-collapse`: after the record is back, recovery work is queued but no lease is re-established
+   for at least `collapse_window_s`: goodput is zero while the queue stays full.
+4. `leases-restored`: from the first lease re-established after the record came back to all hosts leased.
+5. `network-backlog`: the network manager's backlog is at least `backlog_min` items.
+6. `health-check-flapping`: the load balancer's health transitions come at `flap_min` or more per
+   `flap_window_s` (first such window to last).
+7. `dns-failover-capacity-removed`: fewer zones than configured are in the load balancer's DNS.
+8. `recovered`: after every other stage ended, all zones are in DNS, no target that could serve is out of
+   service, and the backlog is empty; until the end of the run.
+A stage that did not happen is absent. A stage still going at the end of the run ends at the run's end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+Row = Mapping[str, float]
+
+STAGE_NAMES = (
+    "dns-record-empty",
+    "leases-expiring",
+    "host-manager-collapse",
+    "leases-restored",
+    "network-backlog",
+    "health-check-flapping",
+    "dns-failover-capacity-removed",
+    "recovered",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    name: str
+    start_s: float
+    end_s: float
+
+    def to_json(self) -> dict[str, float | str]:
+        return {"name": self.name, "start_s": round(self.start_s, 3), "end_s": round(self.end_s, 3)}
+
+
+@dataclass(frozen=True, slots=True)
+class StageRules:
+    zones: int
+    hosts: int
+    collapse_window_s: float = 30.0
+    backlog_min: float = 3.0
+    flap_window_s: float = 30.0
+    flap_min: float = 3.0
+
+
+def _intervals(rows: Sequence[Row], on: Sequence[bool], end: float) -> list[tuple[float, float]]:
+    """Maximal runs of samples where `on` holds, as (first sample's t, first sample after the run's t)."""
+    out: list[tuple[float, float]] = []
+    start: float | None = None
+    for row, flag in zip(rows, on, strict=True):
+        if flag and start is None:
+            start = row["t"]
+        elif not flag and start is not None:
+            out.append((start, row["t"]))
+            start = None
+    if start is not None:
+        out.append((start, end))
+    return out
+
+
+def _has(rows: Sequence[Row], column: str) -> bool:
+    return bool(rows) and all(column in r for r in rows)
+
+
+def detect_stages(rows: Sequence[Row], rules: StageRules, end_s: float) -> list[Stage]:
+    """The stages found in `rows` (samples sorted by `t`), in order of their start."""
+    stages: list[Stage] = []
+    if not rows:
+        return stages
+    record_back_at: float | None = None
+    if _has(rows, "cp_record"):
+        empty = _intervals(rows, [r["cp_record"] == 0 for r in rows], end_s)
+        if empty:
+            start, stop = empty[0]
+            stages.append(Stage("dns-record-empty", start, stop))
+            record_back_at = stop if stop < end_s else None
+    if _has(rows, "hosts_leased"):
+        stages.extend(_lease_stages(rows, rules, end_s, record_back_at))
+    if _has(rows, "net_backlog"):
+        backlog = _intervals(rows, [r["net_backlog"] >= rules.backlog_min for r in rows], end_s)
+        if backlog:
+            stages.append(Stage("network-backlog", backlog[0][0], backlog[-1][1]))
+    if _has(rows, "transitions_total"):
+        flapping = _flapping(rows, rules, end_s)
+        if flapping is not None:
+            stages.append(flapping)
+    if _has(rows, "zones_in_dns"):
+        removed = _intervals(rows, [r["zones_in_dns"] < rules.zones for r in rows], end_s)
+        if removed:
+            stages.append(Stage("dns-failover-capacity-removed", removed[0][0], removed[-1][1]))
+    recovered = _recovered(rows, rules, end_s, stages)
+    if recovered is not None:
+        stages.append(recovered)
+    stages.sort(key=lambda s: (s.start_s, STAGE_NAMES.index(s.name)))
+    return stages
+
+
+def _lease_stages(rows: Sequence[Row], rules: StageRules, end_s: float, back_at: float | None) -> list[Stage]:
+    out: list[Stage] = []
+    leased = [r["hosts_leased"] for r in rows]
+    lost = next((i for i, n in enumerate(leased) if n < rules.hosts), None)
+    if lost is None:
+        return out
+    low = min(leased[lost:])
+    low_at = next(i for i in range(lost, len(rows)) if leased[i] == low)
+    out.append(Stage("leases-expiring", rows[lost]["t"], rows[low_at]["t"]))
+    if back_at is None or not _has(rows, "recovery_goodput_total"):
+        return out
+    after = [i for i, r in enumerate(rows) if r["t"] >= back_at]
+    if not after:
+        return out
+    goodput = [r["recovery_goodput_total"] for r in rows]
+    first = after[0]
+    # The first sample after the record came back whose goodput moved: leases are being re-established.
+    moving = next((i for i in after[1:] if goodput[i] > goodput[i - 1]), None)
+    stalled_until = rows[moving]["t"] if moving is not None else end_s
+    if stalled_until - rows[first]["t"] >= rules.collapse_window_s and (
+        "recovery_depth" not in rows[first] or max(r.get("recovery_depth", 0.0) for r in rows[first:]) > 0
+    ):
+        out.append(Stage("host-manager-collapse", rows[first]["t"], stalled_until))
+    if moving is not None:
+        full = next((i for i in range(moving, len(rows)) if leased[i] >= rules.hosts), None)
+        out.append(Stage("leases-restored", rows[moving]["t"], rows[full]["t"] if full is not None else end_s))
+    return out
+
+
+def _flapping(rows: Sequence[Row], rules: StageRules, end_s: float) -> Stage | None:
+    """First to last window of flap_window_s that saw at least flap_min health transitions."""
+    first: float | None = None
+    last: float | None = None
+    j = 0
+    for i, row in enumerate(rows):
+        while rows[j]["t"] < row["t"] - rules.flap_window_s:
+            j += 1
+        if row["transitions_total"] - rows[j]["transitions_total"] >= rules.flap_min:
+            # The window (rows[j].t, row.t] holds the burst; it began at the first transition in it.
+            k = j
+            while k < i and rows[k + 1]["transitions_total"] == rows[j]["transitions_total"]:
+                k += 1
+            start = rows[k]["t"]
+            first = start if first is None else min(first, start)
+            last = row["t"]
+    if first is None or last is None:
+        return None
+    return Stage("health-check-flapping", first, min(last, end_s))
+
+
+def _recovered(rows: Sequence[Row], rules: StageRules, end_s: float, stages: Sequence[Stage]) -> Stage | None:
+    if not stages:
+        return None
+    after = max(s.end_s for s in stages)
+    if after >= end_s:
+        return None
+    for r in rows:
+        if r["t"] < after:
+            continue
+        if r.get("zones_in_dns", rules.zones) < rules.zones or r.get("net_backlog", 0.0) >= rules.backlog_min:
+            continue
+        if r.get("false_out", 0.0) > 0:
+            continue
+        return Stage("recovered", r["t"], end_s)
+    return None
