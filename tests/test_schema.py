@@ -37,6 +37,24 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\nzones: [a, a]\n", "zones", "unique"),
         ("name: x\nhealth_check: {success_codes: 2xx}\n", "health_check.success_codes", "integers or ranges"),
         ("name: x\ntimeline: [{at: 1, register: {count: 2}}]\n", "timeline.0", "needs `zone`"),
+        ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dynamo, action: restore}}]\n",
+         "timeline.0.control.component", "'lease_store'"),
+        ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: explode}}]\n",
+         "timeline.0.control", "must be one of ['delay-enactor'"),
+        ("name: x\ncontrol_plane: {network_manager: {rate_per_s: -2}}\n", "control_plane.network_manager.rate_per_s",
+         "greater than 0"),
+        ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: network_manager, action: set-rate, "
+         "rate_per_s: -1}}]\n", "timeline.0.control.rate_per_s", "greater than 0"),
+        ("name: x\ncontrol_plane: {}\ntimeline: [{at: -5, control: {component: dns, action: restore}}]\n",
+         "timeline.0.at", "greater than or equal to 0"),
+        ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: delay-enactor, "
+         "enactor: a}}]\n", "timeline.0.control", "needs delay_s"),
+        ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: restore, count: 3}}]\n",
+         "timeline.0.control", "takes no parameters, not count"),
+        ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: delay-enactor, "
+         "enactor: z, delay_s: 9}}]\n", "(top level)", "not one of the enactors ['a', 'b', 'c']"),
+        ("name: x\ntimeline: [{at: 1, control: {component: dns, action: restore}}]\n", "(top level)",
+         "no `control_plane` section"),
     ],
 )
 def test_errors_name_file_field_and_allowed(tmp_path: Path, text: str, field: str, allowed: str) -> None:
