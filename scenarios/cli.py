@@ -87,6 +87,27 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+SET_OPTION = typer.Option(
+    "--set", help="Override a scenario field before validation, KEY=VALUE with a dotted KEY and a YAML VALUE, "
+                  "e.g. --set control_plane.dns.protections.cas=true; repeatable.")
+
+
+def stages_table(summary: dict[str, Any]) -> Table | None:
+    """The cascade's stages as a timeline, if the run found any."""
+    stages = summary.get("stages") or []
+    if not stages:
+        return None
+    table = Table(title="stages (detected from the recorded metrics)")
+    table.add_column("stage")
+    table.add_column("from (sim s)", justify="right")
+    table.add_column("to (sim s)", justify="right")
+    table.add_column("lasted (sim s)", justify="right")
+    for st in stages:
+        table.add_row(escape(st["name"]), f"{st['start_s']:.0f}", f"{st['end_s']:.0f}",
+                      f"{st['end_s'] - st['start_s']:.0f}")
+    return table
+
+
 @app.command()
 def run(
     scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")],
@@ -104,10 +125,11 @@ def run(
                                             min=0, max=65535)] = 0,
     loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    overrides: Annotated[list[str] | None, SET_OPTION] = None,
 ) -> None:
     """Run one scenario with one policy list and write DIR/summary.json."""
     try:
-        sc, source = load_scenario(scenario)
+        sc, source = load_scenario(scenario, overrides)
         for note in sc.health_check.aws_notes():
             console.print(f"[yellow]note:[/] {escape(source)}: health_check.{escape(note)} "
                           "(fine for a compressed scenario)",
@@ -124,6 +146,9 @@ def run(
         raise _fail(f"{e} (partial results in {target})") from None
     r.write(target, summary)
     out.print(summary_table(summary))
+    stages = stages_table(summary)
+    if stages is not None:
+        out.print(stages)
     if not summary["fidelity_ok"]:
         console.print(
             f"[yellow]warning:[/] the event loop lagged {summary['loop_lag_p99_s']:.3g} sim s (p99), more than a "
@@ -141,6 +166,9 @@ def print_ports(ports: dict[str, Any]) -> None:
     console.print(f"metrics: http://127.0.0.1:{ports['metrics']}/metrics", highlight=False, soft_wrap=True)
     console.print(f"admin API: http://127.0.0.1:{ports['admin']}/targets", highlight=False, soft_wrap=True)
     console.print(f"load balancer nodes: {nodes}", highlight=False, soft_wrap=True)
+    if "dns" in ports:
+        console.print(f"control-plane DNS: 127.0.0.1:{ports['dns']} (try: dig @127.0.0.1 -p {ports['dns']} "
+                      "lb.lbsim or leasestore.cp.lbsim)", highlight=False, soft_wrap=True)
 
 
 def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, Any]:
@@ -223,10 +251,13 @@ def policies() -> None:
 
 
 @app.command()
-def validate(scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")]) -> None:
+def validate(
+    scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")],
+    overrides: Annotated[list[str] | None, SET_OPTION] = None,
+) -> None:
     """Check a scenario file and print it resolved with defaults."""
     try:
-        sc, source = load_scenario(scenario)
+        sc, source = load_scenario(scenario, overrides)
         ScenarioRun(sc, source=source)
     except (ScenarioError, PolicyError) as e:
         raise _fail(str(e)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import random
@@ -18,18 +19,20 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from backends.admin import AdminServer
-from backends.fleet import Targets
+from backends.fleet import Targets, UnknownTarget
 from lb.aio import cancel_and_wait
 from lb.balancer import BalancerConfig, LbEvent, LoadBalancer
 from lb.checker import CheckConfig, CheckerCapacity, ProbeReport
 from lb.clock import ScaledClock
 from lb.health import parse_success_codes
 from lb.metrics import MetricsServer
-from lb.policies import PolicyError, make_policy, parse_policy_spec
+from lb.policies import POLICY_TYPES, PolicyError, make_policy, parse_policy_spec
 from lb.policy import Policy
 from lb.targets import Target
+from scenarios.controlplane import ControlPlane
 from scenarios.outcomes import CapacityTally, RequestTally, Sample, event_metrics, percentile
 from scenarios.schema import Event, Scenario, ScenarioError
+from scenarios.stages import StageRules, detect_stages
 from scenarios.traffic import DnsCache, RequestResult, TrafficGenerator
 
 # Lateness samples kept for the p99: a bounded reservoir, so a long run cannot grow memory without limit.
@@ -71,7 +74,7 @@ class RunState:
 
     capacity: CapacityTally = field(default_factory=CapacityTally)
     requests: RequestTally = field(default_factory=RequestTally)
-    timeseries: list[tuple[float, int, int, int, int, int, int]] = field(default_factory=list)
+    timeseries: list[dict[str, float]] = field(default_factory=list)
     # Spooled to disk rather than held in memory; closed (and so deleted) once the run directory is written.
     request_log: IO[str] = field(default_factory=lambda: tempfile.TemporaryFile("w+", newline=""))  # noqa: SIM115
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -84,11 +87,14 @@ class RunState:
         self.requests.add(r.started, r.latency_s, r.ok)
         self.request_log.write(f"{r.started:.4f},{r.latency_s:.5f},{int(r.ok)},{r.error}\n")
 
-    def add_sample(self, s: Sample) -> None:
+    def add_sample(self, s: Sample, extra: dict[str, float]) -> None:
         self.capacity.add(s)
         false_out = len((s.can_serve & s.admitted & s.registered) - s.routed)
-        row = (round(s.t, 3), len(s.registered), len(s.routed), len(s.serving), len(s.can_serve), false_out,
-               len(s.serving - s.can_serve))
+        row: dict[str, float] = {
+            "t": round(s.t, 3), "registered": len(s.registered), "routed": len(s.routed), "serving": len(s.serving),
+            "can_serve": len(s.can_serve), "false_out": false_out, "missed_in": len(s.serving - s.can_serve),
+        }
+        row.update(extra)
         self.timeseries.append(row)
 
 
@@ -125,10 +131,12 @@ class ScenarioRun:
         self.policies = build_policies(self.policy_entries, source)
         names = {p.name for p in self.policies}
         for i, ev in enumerate(scenario.timeline):
-            if ev.set_policy is not None and ev.set_policy.policy not in names:
+            # An operator switch of a policy this run does not have (the scenario's failover switch in a run
+            # with --policy naive) has nothing to switch and is skipped; a name no policy has is a mistake.
+            if ev.set_policy is not None and ev.set_policy.policy not in names | set(POLICY_TYPES):
                 raise ScenarioError(
                     f"{source}: timeline[{i}].set_policy.policy = {ev.set_policy.policy!r} is not among this run's "
-                    f"policies ({', '.join(sorted(names)) or 'none'})"
+                    f"policies ({', '.join(sorted(names)) or 'none'}) nor a known policy"
                 )
         self.source = source
         self.speed = speed if speed is not None else scenario.speed
@@ -147,6 +155,8 @@ class ScenarioRun:
         self._retiring: set[asyncio.Task[None]] = set()
         self.lb: LoadBalancer | None = None
         self.fleet: Targets | None = None
+        self.control: ControlPlane | None = None
+        self._transitions = 0  # healthy <-> unhealthy, for the flapping stage
 
     # -- the run -----------------------------------------------------------------------------------------
 
@@ -161,7 +171,8 @@ class ScenarioRun:
         self.fleet = Targets(speed=self.speed, seed=self.seed)
         self.lb = LoadBalancer(self._balancer_config(), clock, self.policies, lb_registry, seed=self.seed,
                                on_event=self._on_lb_event, on_probe=self._on_probe)
-        metrics = MetricsServer(lb_registry, self.fleet.registry)
+        cp_registry = CollectorRegistry()
+        metrics = MetricsServer(lb_registry, self.fleet.registry, cp_registry)
         admin = AdminServer(self.fleet, port=self.admin_port)
         traffic: TrafficGenerator | None = None
         tasks: list[asyncio.Task[None]] = []
@@ -170,15 +181,32 @@ class ScenarioRun:
                 for _ in range(sc.targets_per_zone):
                     await self._add_target(zone, None, in_service=sc.start_in_service)
             clock.restart()  # setting up many targets takes wall time the scenario must not lose
-            nodes = await self.lb.start()
+            if sc.control_plane is None:
+                nodes = await self.lb.start()
+            else:
+                # Each zone's node on its own address and all on one port: the name is served as A records.
+                hosts = {z: f"127.0.1.{i + 1}" for i, z in enumerate(sc.zones)}
+                nodes = await self.lb.start(hosts=hosts, same_port=True)
             self.state.ports["nodes"] = nodes
+            if sc.control_plane is not None:
+                self.control = ControlPlane(
+                    sc, clock, self.fleet, cp_registry, lb_addresses=lambda: list(self._resolve()),
+                    on_launched=self._on_launched, on_terminated=self._on_terminated, on_event=self._on_cp_event,
+                )
+                await self.control.start([(t.id, t.zone) for t in self.lb.targets.values()])
+                assert self.control.dns is not None
+                self.state.ports["dns"] = self.control.dns.port
             self.state.ports["metrics"] = await metrics.start("127.0.0.1", self.metrics_port)
             self.state.ports["admin"] = await admin.start()
             if self.on_started is not None:
                 self.on_started(dict(self.state.ports))
             cache = DnsCache(self._resolve, sc.traffic.dns_ttl_s)
+            control = self.control
+            node_port = int(next(iter(nodes.values())).rpartition(":")[2])
 
             async def lookup(now: float) -> tuple[str, ...]:
+                if control is not None:
+                    return tuple(await control.lookup_lb(node_port))
                 return cache.lookup(now)
 
             traffic = TrafficGenerator(
@@ -214,6 +242,8 @@ class ScenarioRun:
                 await asyncio.gather(*self._retiring, return_exceptions=True)
             if traffic is not None:
                 await traffic.stop()
+            if self.control is not None:
+                await self.control.close()
             await self.lb.stop()
             await metrics.stop()
             await admin.stop()
@@ -291,8 +321,15 @@ class ScenarioRun:
             assert ev.zone is not None
             for _ in range(ev.register_.count):
                 touched.append(await self._add_target(ev.zone, ev))
+        elif ev.control is not None:
+            if self.control is None:  # the schema refuses this; a caller building events by hand may not
+                raise ScenarioError(f"{self.source}: event at {ev.at:g} needs a control plane")
+            entry.update(await self.control.apply(ev.control))
         elif ev.set_policy is not None:
             sp = ev.set_policy
+            if sp.policy not in {p.name for p in self.policies}:
+                entry["skipped"] = f"no {sp.policy} policy in this run"
+                return touched
             try:
                 self.lb.set_policy_param(sp.policy, sp.param, sp.value)
             except (ValueError, PolicyError) as e:
@@ -345,7 +382,11 @@ class ScenarioRun:
         can = frozenset(t for t in registered if self.fleet.can_serve(t))
         s = Sample(self.clock.now(), registered, routed, lb.serving(), can, lb.admitted)
         if s.t < self.scenario.duration_s:
-            self.state.add_sample(s)
+            extra = {"zones_in_dns": float(len(lb.dns.zones) if lb.dns else 0),
+                     "transitions_total": float(self._transitions)}
+            if self.control is not None:
+                extra.update(self.control.sample())
+            self.state.add_sample(s, extra)
         if self.on_progress is not None:
             req = self.state.requests
             self.on_progress(Progress(s.t, self.scenario.duration_s, len(s.serving & registered), len(registered),
@@ -355,12 +396,33 @@ class ScenarioRun:
 
     def _on_lb_event(self, ev: LbEvent) -> None:
         self._log(ev.at, ev.kind, ev.subject, {"detail": ev.detail} if ev.detail else {})
+        if ev.kind == "transition" and ev.detail in ("healthy->unhealthy", "unhealthy->healthy"):
+            self._transitions += 1
         if ev.kind == "transition" and ev.detail.endswith("->unused") and self.fleet is not None:
             # The load balancer has forgotten the target; release its backend and network path too, so a run
             # with churn does not hold every socket it ever opened.
-            task = asyncio.create_task(self.fleet.remove(ev.subject), name=f"retire-{ev.subject}")
+            task = asyncio.create_task(self._retire(ev.subject), name=f"retire-{ev.subject}")
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, tid: str) -> None:
+        assert self.fleet is not None
+        with contextlib.suppress(UnknownTarget):  # a terminated instance's backend is already gone
+            await self.fleet.remove(tid)
+
+    def _on_launched(self, tid: str, zone: str, host: str, port: int) -> None:
+        assert self.lb is not None
+        self.lb.register(Target(tid, zone, host, port), in_service=False)
+        self._log(self.clock.now(), "registered", tid, {"zone": zone})
+
+    def _on_terminated(self, tid: str) -> None:
+        assert self.lb is not None
+        if tid in self.lb.targets:
+            self.lb.deregister(tid)
+
+    def _on_cp_event(self, kind: str, subject: str, data: dict[str, Any]) -> None:
+        extra = {k: v for k, v in data.items() if k != "at"}
+        self._log(float(data.get("at", self.clock.now())), kind, subject, extra)
 
     def _on_probe(self, report: ProbeReport) -> None:
         st = self.state
@@ -401,7 +463,20 @@ class ScenarioRun:
         out["probes_total"] = st.probes_seen
         out["loop_lag_p99_s"] = percentile(st.loop_lag, 99)
         out["fidelity_ok"] = self.fidelity_ok(out["loop_lag_p99_s"])
+        out["stages"] = [g.to_json() for g in detect_stages(st.timeseries, self.stage_rules(), self.end_sim)]
         return out
+
+    def stage_rules(self) -> StageRules:
+        sc = self.scenario
+        cp = sc.control_plane
+        return StageRules(
+            zones=len(sc.zones),
+            hosts=cp.host_manager.hosts if cp is not None else 0,
+            # Goodput stalled for three item timeouts: every item in flight timed out at least once meanwhile.
+            collapse_window_s=3 * cp.host_manager.item_timeout_s if cp is not None else 30.0,
+            # Three health transitions within five check intervals is more than one failure explains.
+            flap_window_s=5 * sc.health_check.interval_s,
+        )
 
     def fidelity_ok(self, lag_p99_s: float | None) -> bool:
         """A run is faithful while the loop's lag stays under a tenth of the shortest timeout it models."""
@@ -419,9 +494,10 @@ class ScenarioRun:
             for e in self.state.events:
                 f.write(json.dumps(e) + "\n")
         with (out_dir / "timeseries.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["t", "registered", "routed", "serving", "can_serve", "false_out", "missed_in"])
-            w.writerows(self.state.timeseries)
+            rows = self.state.timeseries
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["t"])
+            w.writeheader()
+            w.writerows(rows)
         log = self.state.request_log
         log.flush()
         log.seek(0)

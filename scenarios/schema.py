@@ -390,8 +390,36 @@ def parse_scenario(data: Any, source: str) -> Scenario:
         raise ScenarioError(_format_validation(source, e)) from None
 
 
-def load_scenario(name_or_path: str) -> tuple[Scenario, str]:
-    """Load a built-in scenario by name or a YAML file by path; return it with the source it came from."""
+def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
+    """Set dotted fields of a scenario's raw mapping from `KEY=VALUE` strings (VALUE is YAML), before validation,
+    so an override is checked exactly as if it had been written in the file."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ScenarioError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. speed=4 or "
+                                "control_plane.dns.protections.cas=true")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ScenarioError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            break  # parse_scenario reports what is wrong with the file itself
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ScenarioError(f"{source}: --set {item!r}: {'.'.join(parts[: depth + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_scenario(name_or_path: str, overrides: list[str] | None = None) -> tuple[Scenario, str]:
+    """Load a built-in scenario by name or a YAML file by path, with `--set` overrides applied; return it with
+    the source it came from."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -410,4 +438,7 @@ def load_scenario(name_or_path: str) -> tuple[Scenario, str]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ScenarioError(f"{source}: not valid YAML: {e}") from None
+    if overrides:
+        data = apply_overrides(data, overrides, source)
+        source += " with --set " + " ".join(overrides)
     return parse_scenario(data, source), source

@@ -229,7 +229,9 @@ def test_run_writes_summary_events_timeseries_and_a_valid_scenario(tmp_path: Pat
 
     with (out / "timeseries.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert set(rows[0]) == {"t", "registered", "routed", "serving", "can_serve", "false_out", "missed_in"}
+    assert set(rows[0]) == {"t", "registered", "routed", "serving", "can_serve", "false_out", "missed_in",
+                            "zones_in_dns", "transitions_total"}
+    assert min(float(row["zones_in_dns"]) for row in rows) < 2  # zone a left DNS, as the event log says
     # One sample per sim second (sample_interval_s default 1) over 30 s.
     assert duration - 2 <= len(rows) <= duration + 2
     assert all(float(a["t"]) < float(b["t"]) for a, b in itertools.pairwise(rows))

@@ -59,9 +59,21 @@ async def test_a_failing_event_stops_the_run_and_keeps_results() -> None:
     assert summary["complete"] is False and summary["duration_s"] >= 2
 
 
-def test_set_policy_must_name_a_policy_of_the_run() -> None:
+def test_set_policy_must_name_a_known_policy() -> None:
     sc = parse_scenario({**BASE, "name": "x", "policy": ["fail-open"],
+                         "timeline": [{"at": 1, "set_policy": {"policy": "dns-failovr", "param": "enabled",
+                                                               "value": False}}]}, "f.yaml")
+    with pytest.raises(ScenarioError, match=r"timeline\[0\]\.set_policy\.policy = 'dns-failovr'"):
+        ScenarioRun(sc, source="f.yaml")
+
+
+async def test_set_policy_of_a_policy_the_run_lacks_is_skipped_and_logged() -> None:
+    """The scenario's operator switch (disable automatic failover) is moot in a run with --policy naive."""
+    sc = parse_scenario({**BASE, "name": "x", "duration_s": 3,
                          "timeline": [{"at": 1, "set_policy": {"policy": "dns-failover", "param": "enabled",
                                                                "value": False}}]}, "f.yaml")
-    with pytest.raises(ScenarioError, match=r"timeline\[0\]\.set_policy\.policy = 'dns-failover'"):
-        ScenarioRun(sc, source="f.yaml")
+    run = ScenarioRun(sc, ["naive"], source="f.yaml", speed=20)
+    summary = await run.run()
+    assert summary["complete"] is True
+    [entry] = [e for e in run.state.events if e["kind"] == "timeline"]
+    assert entry["skipped"] == "no dns-failover policy in this run"

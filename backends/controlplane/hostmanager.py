@@ -470,7 +470,7 @@ class HostManagerConfig:
     throttle_per_s: float | None = None
     retry_s: float = 5.0  # renewal retries, offers rejected for depth and failed acquires wait this long
     slots_per_host: int = 4
-    key_prefix: str = "host/"
+    key_prefix: str = "host-"
 
     def __post_init__(self) -> None:
         for name in ("hosts", "renew_concurrency", "workers", "slots_per_host"):
