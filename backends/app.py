@@ -5,6 +5,9 @@ arrived on. Routes: `GET /health` (shallow) and `GET /work?bytes=N`. Modes:
 
 - `healthy`: /health answers 200 "ok"; /work answers N bytes after `work_latency_s`, or 500 with
   probability `error_rate` (seeded per backend).
+- Every answering mode has a finite `capacity_per_s` for /work (default: none): beyond it (a token bucket
+  one second deep) /work answers 503 "overloaded" at once. This is how the capacity left after a DNS failover
+  fails to carry the load; /health is not limited, as a load balancer's checks are cheap and prioritised.
 - `unhealthy`: both routes answer `status` (default 503).
 - `slow`: as healthy, with `latency_s` added to both routes.
 - `hang`: requests are read and never answered; the handler ends when the client goes away, the backend
@@ -51,10 +54,12 @@ class BackendState:
     latency_s: float  # what `slow` adds to every request
     work_latency_s: float  # what /work takes in every answering mode but `unhealthy`
     error_rate: float  # share of /work answered 500
+    capacity_per_s: float | None  # /work requests per sim second before 503; None = unlimited
     requests: int  # every request that reached a handler
     ok: int  # answered 2xx
     errors: int  # answered 5xx (or the `unhealthy` status)
     hung: int  # held by `hang` (or caught by `crash`)
+    overloaded: int = 0  # answered 503 for want of capacity (also counted in `errors`)
 
     def settings(self) -> dict[str, object]:
         """The mode and the parameters that apply to it, as an API shows them."""
@@ -63,7 +68,8 @@ class BackendState:
             out["status"] = self.status
         if self.mode is BackendMode.SLOW:
             out["latency_s"] = self.latency_s
-        return out | {"work_latency_s": self.work_latency_s, "error_rate": self.error_rate}
+        return out | {"work_latency_s": self.work_latency_s, "error_rate": self.error_rate,
+                      "capacity_per_s": self.capacity_per_s}
 
 
 def parse_mode(mode: str) -> BackendMode:
@@ -75,8 +81,13 @@ def parse_mode(mode: str) -> BackendMode:
 
 
 class _Backend:
-    def __init__(self, backend_id: str, sock: socket.socket, rng: random.Random) -> None:
+    def __init__(
+        self, backend_id: str, sock: socket.socket, rng: random.Random, capacity_per_s: float | None
+    ) -> None:
         self.id = backend_id
+        self.capacity_per_s = capacity_per_s
+        self.tokens = capacity_per_s or 0.0
+        self.tokens_at = float("-inf")
         self.port: int = sock.getsockname()[1]
         self.mode = BackendMode.HEALTHY
         self.status = 503
@@ -87,7 +98,7 @@ class _Backend:
         self.site: web.SockSite | None = None
         # Bound but not listening: keeps the port while crashed, and is what the next site listens on.
         self.reserved: socket.socket | None = sock
-        self.requests = self.ok = self.errors = self.hung = 0
+        self.requests = self.ok = self.errors = self.hung = self.overloaded = 0
 
     def state(self) -> BackendState:
         return BackendState(
@@ -98,10 +109,12 @@ class _Backend:
             self.latency_s,
             self.work_latency_s,
             self.error_rate,
+            self.capacity_per_s,
             self.requests,
             self.ok,
             self.errors,
             self.hung,
+            self.overloaded,
         )
 
 
@@ -112,8 +125,13 @@ class BackendFleet:
     port reserved and listen on exactly that port again.
     """
 
-    def __init__(self, *, speed: float = 1.0, seed: int | str = 0, host: str = HOST) -> None:
+    def __init__(
+        self, *, speed: float = 1.0, seed: int | str = 0, host: str = HOST, capacity_per_s: float | None = None
+    ) -> None:
         self._speed = _params.number("speed", speed, low_open=True)
+        self._capacity_per_s = (
+            None if capacity_per_s is None else _params.number("capacity_per_s", capacity_per_s, low_open=True)
+        )
         self._seed = seed
         self._host = host
         self._backends: dict[str, _Backend] = {}
@@ -145,7 +163,7 @@ class BackendFleet:
         if backend_id in self._backends:
             raise ValueError(f"backend {backend_id!r} exists already")
         sock = _sockets.bind(self._host, 0)
-        b = _Backend(backend_id, sock, random.Random(f"{self._seed}:{backend_id}"))
+        b = _Backend(backend_id, sock, random.Random(f"{self._seed}:{backend_id}"), self._capacity_per_s)
         self._backends[backend_id] = b
         self._by_port[b.port] = b
         async with self._lock:
@@ -179,18 +197,22 @@ class BackendFleet:
         b = self._get(backend_id)
         new = parse_mode(mode)
         mode_params = {BackendMode.UNHEALTHY: {"status"}, BackendMode.SLOW: {"latency_s"}}.get(new, set())
-        _params.only(params, mode_params | {"work_latency_s", "error_rate"}, f"mode {new.value}")
+        _params.only(params, mode_params | {"work_latency_s", "error_rate", "capacity_per_s"}, f"mode {new.value}")
         status = _params.integer("status", params.get("status", 503), low=200, high=599)
         if new is BackendMode.SLOW and "latency_s" not in params:
             raise ValueError("mode slow needs latency_s")
         latency_s = _params.number("latency_s", params.get("latency_s", 0.0))
         work_latency_s = _params.number("work_latency_s", params.get("work_latency_s", b.work_latency_s))
         error_rate = _params.number("error_rate", params.get("error_rate", b.error_rate), high=1.0)
+        capacity = params.get("capacity_per_s", b.capacity_per_s)
+        capacity_per_s = None if capacity is None else _params.number("capacity_per_s", capacity, low_open=True)
 
         async with self._lock:
             old = b.mode
             b.mode, b.status, b.latency_s = new, status, latency_s
             b.work_latency_s, b.error_rate = work_latency_s, error_rate
+            if capacity_per_s != b.capacity_per_s:
+                b.capacity_per_s, b.tokens, b.tokens_at = capacity_per_s, capacity_per_s or 0.0, float("-inf")
             if new is BackendMode.CRASH and old is not BackendMode.CRASH:
                 await self._silence(b)
             elif old is BackendMode.CRASH and new is not BackendMode.CRASH:
@@ -236,6 +258,20 @@ class BackendFleet:
         await asyncio.get_running_loop().create_future()
         raise AssertionError("unreachable")
 
+    def _admit(self, b: _Backend) -> bool:
+        """Take one token of the backend's /work capacity (sim time), if it has a capacity at all."""
+        rate = b.capacity_per_s
+        if rate is None:
+            return True
+        now = asyncio.get_running_loop().time() * self._speed
+        burst = max(1.0, rate)
+        b.tokens = burst if b.tokens_at == float("-inf") else min(burst, b.tokens + (now - b.tokens_at) * rate)
+        b.tokens_at = now
+        if b.tokens < 1.0:
+            return False
+        b.tokens -= 1.0
+        return True
+
     async def _answer_delay(self, b: _Backend, extra_s: float) -> None:
         delay_s = extra_s + (b.latency_s if b.mode is BackendMode.SLOW else 0.0)
         if delay_s > 0:
@@ -265,6 +301,10 @@ class BackendFleet:
         if b.mode is BackendMode.UNHEALTHY:
             b.errors += 1
             return web.Response(status=b.status, text="unhealthy")
+        if not self._admit(b):
+            b.errors += 1
+            b.overloaded += 1
+            return web.Response(status=503, text="overloaded")
         await self._answer_delay(b, b.work_latency_s)
         if b.rng.random() < b.error_rate:
             b.errors += 1

@@ -76,10 +76,12 @@ class Targets:
         seed: int = 0,
         host: str = HOST,
         registry: CollectorRegistry | None = None,
+        capacity_per_s: float | None = None,
     ) -> None:
+        """`capacity_per_s`: every backend's /work capacity (requests per sim second), None for unlimited."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(TargetsCollector(self))
-        self._fleet = BackendFleet(speed=speed, seed=seed, host=host)
+        self._fleet = BackendFleet(speed=speed, seed=seed, host=host, capacity_per_s=capacity_per_s)
         self._seed = seed
         self._host = host
         self._targets: dict[str, _Target] = {}
@@ -169,4 +171,4 @@ class Targets:
 
 
 def _request_outcomes(b: BackendState) -> dict[str, int]:
-    return {"ok": b.ok, "error": b.errors, "hung": b.hung}
+    return {"ok": b.ok, "error": b.errors - b.overloaded, "overloaded": b.overloaded, "hung": b.hung}

@@ -30,7 +30,7 @@ class TargetsCollector(Collector):
     def _families(self, fill: bool = False) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "lbsim_backend_requests",
-            "Backend requests by zone and outcome (ok, error, hung)",
+            "Backend requests by zone and outcome (ok, error, overloaded, hung)",
             labels=["zone", "outcome"],
         )
         connections = CounterMetricFamily(

@@ -39,6 +39,48 @@ from scenarios.traffic import DnsCache, RequestResult, TrafficGenerator
 _LATENESS_RESERVOIR = 20000
 
 
+SCENARIO_POLICY = "scenario"
+
+
+def expand_policy_entries(
+    entries: list[str | dict[str, Any]], scenario_entries: list[str | dict[str, Any]]
+) -> list[str | dict[str, Any]]:
+    """Replace the term `scenario` in string entries by the scenario's own policy list, so that
+    `--policy scenario+velocity` means "the scenario's configuration with velocity control added"."""
+    out: list[str | dict[str, Any]] = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            out.append(entry)
+            continue
+        rest: list[str] = []
+        for term in split_policy_terms(entry):
+            if term == SCENARIO_POLICY:
+                if rest:
+                    out.append("+".join(rest))
+                    rest = []
+                out.extend(scenario_entries)
+            else:
+                rest.append(term)
+        if rest:
+            out.append("+".join(rest))
+    return out
+
+
+def split_policy_terms(spec: str) -> list[str]:
+    """Split a policy spec on the `+` signs outside parentheses and brackets."""
+    terms, depth, current = [], 0, ""
+    for ch in spec:
+        depth += ch in "(["
+        depth -= ch in ")]"
+        if ch == "+" and depth == 0:
+            terms.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    terms.append(current.strip())
+    return terms
+
+
 def build_policies(entries: list[str | dict[str, Any]], source: str) -> list[Policy]:
     """Turn a scenario's or the CLI's policy entries into policy objects; errors name where they came from."""
     out: list[Policy] = []
@@ -126,8 +168,10 @@ class ScenarioRun:
         on_started: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.scenario = scenario
-        self.policy_entries = list(policy_entries if policy_entries else scenario.policy)
-        self.policy_name = policy_label(self.policy_entries)
+        self.policy_entries = expand_policy_entries(list(policy_entries), list(scenario.policy)) \
+            if policy_entries else list(scenario.policy)
+        # Named as the user asked for it ("scenario+velocity"), not as expanded.
+        self.policy_name = policy_label(list(policy_entries) if policy_entries else self.policy_entries)
         self.policies = build_policies(self.policy_entries, source)
         names = {p.name for p in self.policies}
         for i, ev in enumerate(scenario.timeline):
@@ -168,7 +212,7 @@ class ScenarioRun:
         self.started_wall = time.monotonic()
         stop = stop or asyncio.Event()
         lb_registry = CollectorRegistry()
-        self.fleet = Targets(speed=self.speed, seed=self.seed)
+        self.fleet = Targets(speed=self.speed, seed=self.seed, capacity_per_s=sc.backend_capacity_per_s)
         self.lb = LoadBalancer(self._balancer_config(), clock, self.policies, lb_registry, seed=self.seed,
                                on_event=self._on_lb_event, on_probe=self._on_probe)
         cp_registry = CollectorRegistry()

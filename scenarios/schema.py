@@ -105,6 +105,7 @@ class BackendChange(_Model):
     status: Annotated[int, Field(ge=200, le=599)] | None = None
     latency_s: Annotated[float, Field(ge=0)] | None = None
     error_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    capacity_per_s: Annotated[float, Field(gt=0)] | None = None
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k != "mode" and v is not None}
@@ -311,6 +312,9 @@ class Scenario(_Model):
     zones: Annotated[list[str], Field(min_length=1, max_length=6)] = ["a", "b", "c"]
     targets_per_zone: Annotated[int, Field(ge=0, le=500)] = 3
     start_in_service: bool = True  # the fleet was healthy before the run began; False simulates a cold start
+    # Requests per sim second each target serves before answering 503 (None: unlimited). With it, the capacity
+    # left after a DNS failover can fail to carry the load, as applications saw on 2025-10-20.
+    backend_capacity_per_s: Annotated[float, Field(gt=0)] | None = None
     health_check: HealthCheckSpec = HealthCheckSpec()
     checker: CheckerSpec = CheckerSpec()
     load_balancer: LoadBalancerSpec = LoadBalancerSpec()

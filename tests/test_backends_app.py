@@ -84,7 +84,32 @@ async def test_slow_and_work_latency_add_sim_time(fleet: BackendFleet, http: aio
     assert t1 - t0 >= 0.2
     assert t2 - t1 >= 0.3
     await fleet.set_mode("a", "healthy")  # work_latency_s is a setting and stays; latency_s goes
-    assert fleet.state("a").settings() == {"mode": "healthy", "work_latency_s": 0.2, "error_rate": 0.0}
+    assert fleet.state("a").settings() == {"mode": "healthy", "work_latency_s": 0.2, "error_rate": 0.0,
+                                           "capacity_per_s": None}
+
+
+async def test_capacity_answers_503_beyond_its_rate_and_leaves_health_checks_alone(
+    fleet: BackendFleet, http: aiohttp.ClientSession
+) -> None:
+    """A back-to-back burst gets the bucket's depth (one second of capacity) plus what refills meanwhile; the
+    rest is 503 "overloaded" at once, and /health is never limited."""
+    port = await fleet.add("a")
+    rate = 5.0
+    await fleet.set_mode("a", "healthy", capacity_per_s=rate)
+    t0 = time.monotonic()
+    statuses = [(await get(http, port, "/work?bytes=1"))[0] for _ in range(30)]
+    elapsed_sim = (time.monotonic() - t0) * fleet.speed
+    ok = statuses.count(200)
+    assert statuses.count(200) + statuses.count(503) == 30
+    assert rate <= ok <= rate + elapsed_sim * rate + 1
+    st = fleet.state("a")
+    assert st.overloaded == 30 - ok and st.errors == 30 - ok
+    assert all([(await get(http, port, "/health"))[0] == 200 for _ in range(10)])
+    # A mode change keeps the capacity, as it keeps the other backend settings.
+    await fleet.set_mode("a", "slow", latency_s=0.01)
+    assert fleet.state("a").capacity_per_s == rate
+    with pytest.raises(ValueError, match="capacity_per_s"):
+        await fleet.set_mode("a", "healthy", capacity_per_s=0)
 
 
 async def test_error_rate_answers_that_share_of_work_with_500(

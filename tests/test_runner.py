@@ -77,3 +77,13 @@ async def test_set_policy_of_a_policy_the_run_lacks_is_skipped_and_logged() -> N
     assert summary["complete"] is True
     [entry] = [e for e in run.state.events if e["kind"] == "timeline"]
     assert entry["skipped"] == "no dns-failover policy in this run"
+
+
+def test_scenario_term_expands_to_the_scenario_policies() -> None:
+    sc = parse_scenario({**BASE, "name": "x", "policy": ["fail-open", {"name": "min-healthy", "min_percent": 60,
+                                                                      "actions": ["dns-failover"]}]}, "f.yaml")
+    run = ScenarioRun(sc, ["scenario+velocity(window_s=60)"], source="f.yaml")
+    assert [p.name for p in run.policies] == ["fail-open", "min-healthy", "velocity"]
+    assert run.policy_name == "scenario+velocity(window_s=60)"
+    assert [p.name for p in ScenarioRun(sc, ["naive"]).policies] == ["naive"]
+    assert [p.name for p in ScenarioRun(sc).policies] == ["fail-open", "min-healthy"]
