@@ -486,11 +486,11 @@ def test_a_lease_the_store_forgot_is_recovered_through_the_queue(loop: str) -> N
         async with HostManager(clock, api, cfg) as m:
             await wait_for(lambda: m.renewals["ok"] >= cfg.hosts, within=wall(2 * cfg.renew_interval_s))
             acquires = store.calls["acquire"]
-            del store.expiry["host/h002"]
+            del store.expiry[f"{cfg.key_prefix}h002"]
             await wait_for(lambda: m.renewals["not_found"] == 1, within=wall(2 * cfg.renew_interval_s))
             await wait_for(lambda: m.goodput_total == 1, within=wall(cfg.retry_s + cfg.item_timeout_s))
             assert m.lease_table.state("h002") == LeaseState.LEASED
-            assert "host/h002" in store.expiry and store.calls["acquire"] == acquires + 1
+            assert f"{cfg.key_prefix}h002" in store.expiry and store.calls["acquire"] == acquires + 1
             assert m.counts()["leased"] == cfg.hosts
         await m.close()  # idempotent
 
