@@ -1,4 +1,4 @@
-"""The `lbsim` command line: run a scenario, list and check scenarios."""
+"""The `lbsim` command line: run a scenario, compare policies, re-render saved results, list and check scenarios."""
 
 from __future__ import annotations
 
@@ -20,6 +20,21 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lb.policies import POLICY_TYPES, PRESETS, PolicyError
+from scenarios.compare import (
+    CompareRunner,
+    Job,
+    JobResult,
+    PolicyChoice,
+    RunRecord,
+    child_argv,
+    compare_document,
+    import_policy,
+    resolve_policy,
+    slugs,
+    versus_lines,
+    write_compare_csv,
+)
+from scenarios.report import ReportError, compare_table, is_compare_dir, is_run_dir, plot_compare, plot_run, read_json
 from scenarios.runner import Progress as RunProgress
 from scenarios.runner import ScenarioRun
 from scenarios.schema import ScenarioError, builtin_names, load_scenario
@@ -126,9 +141,16 @@ def run(
     loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
+    import_policies: Annotated[
+        list[str] | None,
+        # Hidden: how `lbsim compare --allow-import` hands a user's policy class to its child runs.
+        typer.Option("--import-policy", hidden=True, help="Import and register module.path:ClassName first."),
+    ] = None,
 ) -> None:
     """Run one scenario with one policy list and write DIR/summary.json."""
     try:
+        for path in import_policies or []:
+            import_policy(path)
         sc, source = load_scenario(scenario, overrides)
         for note in sc.health_check.aws_notes():
             console.print(f"[yellow]note:[/] {escape(source)}: health_check.{escape(note)} "
@@ -264,6 +286,139 @@ def validate(
     for note in sc.health_check.aws_notes():
         console.print(f"[yellow]note:[/] {escape(source)}: health_check.{escape(note)}", soft_wrap=True)
     out.print_json(json.dumps(sc.model_dump(mode="json", by_alias=True)))
+
+
+def print_compare(doc: dict[str, Any]) -> None:
+    out.print(compare_table(doc))
+    lines = versus_lines(doc)
+    if lines:
+        out.print(f"versus {escape(next(iter(doc['policies'])))} (the first policy, means):", highlight=False)
+        for line in lines:
+            out.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def compare(
+    scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")],
+    policy: Annotated[
+        list[str],
+        typer.Option("--policy", "-p", help="A policy to compare, repeatable; the first is the baseline. A spec "
+                                            "('naive', 'aws-velocity', 'scenario+velocity'), a YAML file of policy "
+                                            "entries, or module.path:ClassName (needs --allow-import)."),
+    ],
+    seeds: Annotated[int, typer.Option(help="Runs per policy, on seeds S, S+1, ... S+N-1.", min=1)] = 1,
+    seed: Annotated[int | None, typer.Option(help="First seed S (default: the scenario's).")] = None,
+    speed: Annotated[float | None, typer.Option(help="Sim seconds per wall second.", min=0.001)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Compare directory (default: runs/compare-NAME-TIME).")
+                       ] = None,
+    jobs: Annotated[int, typer.Option(help="Runs at a time, each its own process with its own ports.", min=1)] = 1,
+    overrides: Annotated[list[str] | None, SET_OPTION] = None,
+    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation of the runs.")] = LoopKind.uvloop,
+    allow_import: Annotated[
+        bool,
+        typer.Option("--allow-import", help="Allow --policy module.path:ClassName. This imports, and so RUNS, that "
+                                            "module's code, here and in every run: only for code you trust."),
+    ] = False,
+) -> None:
+    """Run a scenario once per policy and seed, then compare: DIR/compare.json, compare.csv, compare.png."""
+    try:
+        sc, source = load_scenario(scenario, overrides)
+        choices: list[PolicyChoice] = [resolve_policy(p, allow_import=allow_import) for p in policy]
+        for c in choices:
+            ScenarioRun(sc, [c.spec], source=source)  # the child's own checks, before anything runs
+    except (ScenarioError, PolicyError) as e:
+        raise _fail(str(e)) from None
+    labels = [c.label for c in choices]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise _fail(f"policy {', '.join(twice)} given more than once")
+    first = seed if seed is not None else sc.seed
+    seed_list = list(range(first, first + seeds))
+    target = out_dir or Path("runs") / f"compare-{sc.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if (target / "compare.json").exists() or (target / "runs").exists():
+        raise _fail(f"{target} already holds a compare; choose another --out")
+    slug = slugs(labels)
+    job_list = [Job(c, s, target / "runs" / f"{slug[c.label]}-seed{s}") for s in seed_list for c in choices]
+    finished = 0
+
+    def on_done(r: JobResult) -> None:
+        nonlocal finished
+        finished += 1
+        name = escape(f"[{finished}/{len(job_list)}] {r.job.policy.label} seed {r.job.seed}")
+        if r.failed:
+            tail = "\n".join(r.stderr_tail.strip().splitlines()[-15:])
+            console.print(f"[red]failed[/] {name}: exit code {r.returncode} after {r.wall_s:.1f} s; its stderr "
+                          f"ends with:\n{escape(tail)}", highlight=False, soft_wrap=True)
+        elif r.summary is None:
+            console.print(f"[yellow]stopped[/] {name}: no results written ({r.wall_s:.1f} s wall)", highlight=False)
+        else:
+            note = "" if r.summary.get("complete") else " [yellow](interrupted)[/]"
+            console.print(f"[green]done[/] {name}: availability {r.summary.get('availability', 0.0):.4f}, "
+                          f"{r.wall_s:.1f} s wall{note}", highlight=False)
+
+    runner = CompareRunner(
+        job_list,
+        lambda j: child_argv(j, scenario, speed=speed, overrides=overrides or [], loop=loop.value),
+        parallel=jobs, on_done=on_done,
+    )
+
+    async def main() -> list[JobResult]:
+        loop_ = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop_.add_signal_handler(sig, runner.interrupt)
+        try:
+            return await runner.run()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop_.remove_signal_handler(sig)
+
+    console.print(f"comparing {len(choices)} policies x {len(seed_list)} seed{'s' * (len(seed_list) != 1)} on "
+                  f"{escape(sc.name)}: "
+                  f"{len(job_list)} runs, {jobs} at a time (Ctrl-C stops and keeps results)", highlight=False)
+    results = asyncio.run(main())
+    records = [RunRecord(r.job.policy.label, r.job.seed, r.job.dir.relative_to(target).as_posix(), r.summary)
+               for r in results if r.summary is not None and not r.failed]
+    complete = not runner.stopped and all(
+        r.returncode == 0 and r.summary is not None and r.summary.get("complete") for r in results)
+    doc = compare_document(sc.name, seed_list, complete, labels, records)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "compare.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_compare_csv(doc, target / "compare.csv")
+    print_compare(doc)
+    plot_compare(target, doc)
+    out.print(f"compare directory: {escape(str(target))}", soft_wrap=True, highlight=False)
+    if runner.stopped:
+        raise typer.Exit(130)
+    if any(r.failed for r in results):
+        raise _fail("some runs failed (see above); compare.json has the others", code=1)
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="A run directory (has summary.json) or a compare directory "
+                                                   "(has compare.json).")],
+) -> None:
+    """Re-render the tables and the plot of a saved run or compare, without running anything."""
+    if not (is_compare_dir(directory) or is_run_dir(directory)):
+        raise _fail(f"{directory} is neither a run directory (no summary.json) nor a compare directory "
+                    "(no compare.json)")
+    try:
+        if is_compare_dir(directory):
+            doc = read_json(directory / "compare.json")
+            print_compare(doc)
+            png = plot_compare(directory, doc)
+        else:
+            summary = read_json(directory / "summary.json")
+            out.print(summary_table(summary))
+            stages = stages_table(summary)
+            if stages is not None:
+                out.print(stages)
+            png = plot_run(directory)
+    except (ReportError, KeyError, TypeError, ValueError) as e:
+        raise _fail(f"{directory}: cannot re-render it: {e!r}" if not isinstance(e, ReportError) else str(e)) from None
+    out.print(f"plot: {escape(str(png))}", soft_wrap=True, highlight=False)
 
 
 def main() -> None:
