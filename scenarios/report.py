@@ -3,8 +3,9 @@
 Rules:
 1. Nothing here runs a scenario: everything is read back from the files a run wrote (timeseries.csv,
    requests.csv, events.jsonl, summary.json) or compare.json.
-2. Routable targets are the `routed` column, averaged over a policy's seeds on the first run's sample times (a
-   run's value at a time is its latest sample at or before it).
+2. Routable targets are `lbsim_truth_targets{set="routed"}` as the recorder scraped it (timeseries.csv, the tidy
+   series), averaged over a policy's seeds on the first run's scrape times (a run's value at a time is its
+   latest scrape at or before it).
 3. Success rate: the ok share of the requests *started* in each sim-second bucket, smoothed as the ratio of the
    sums over the trailing `smooth_s` (10 s, less on runs shorter than 300 s), plotted at the window's end. Not a
    mean of ratios, so a quiet second weighs little; trailing, so a drop never shows before the event that
@@ -136,9 +137,9 @@ def read_run(run_dir: Path) -> RunData:
     if ts.is_file():
         with ts.open(newline="") as f:
             for row in csv.DictReader(f):
-                if row.get("t") and row.get("routed"):
+                if row.get("metric") == "lbsim_truth_targets" and row.get("labels") == "set=routed":
                     data.times.append(float(row["t"]))
-                    data.routed.append(float(row["routed"]))
+                    data.routed.append(float(row["value"]))
     req = run_dir / "requests.csv"
     if req.is_file():
         with req.open(newline="") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import csv
 import json
@@ -10,6 +11,7 @@ import random
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +31,13 @@ from lb.metrics import MetricsServer
 from lb.policies import POLICY_TYPES, PolicyError, make_policy, parse_policy_spec
 from lb.policy import Policy
 from lb.targets import Target
-from scenarios.controlplane import ControlPlane
+from scenarios.controlplane import LEASE_STORE_NAME, ControlPlane
 from scenarios.outcomes import CapacityTally, RequestTally, Sample, event_metrics, percentile
+from scenarios.recorder import Recorder, Selector, pivot
 from scenarios.schema import Event, Scenario, ScenarioError
 from scenarios.stages import StageRules, detect_stages
 from scenarios.traffic import DnsCache, RequestResult, TrafficGenerator
+from scenarios.truth import RunCollector
 
 # Lateness samples kept for the p99: a bounded reservoir, so a long run cannot grow memory without limit.
 _LATENESS_RESERVOIR = 20000
@@ -81,6 +85,39 @@ def split_policy_terms(spec: str) -> list[str]:
     return terms
 
 
+# What the stage detector reads, as Prometheus series (scenarios/stages.py names the columns).
+_STAGE_SELECTORS: dict[str, Selector] = {
+    "cp_record": Selector("lbsim_dns_record_addresses", {"endpoint": LEASE_STORE_NAME}, default=float("nan")),
+    "dns_inconsistent": Selector("lbsim_dns_inconsistent", default=float("nan")),
+    "hosts_leased": Selector("lbsim_host_leases", {"state": "leased"}, default=float("nan")),
+    "recovery_depth": Selector("lbsim_host_recovery_queue_depth", default=float("nan")),
+    "recovery_goodput_total": Selector("lbsim_host_recovery_goodput_total", default=float("nan")),
+    "net_backlog": Selector("lbsim_netmanager_backlog", default=float("nan")),
+    "zones_in_dns": Selector("lbsim_zones_in_dns", default=float("nan")),
+    "false_out": Selector("lbsim_truth_targets", {"set": "false_out"}, default=0.0),
+    "_down": Selector("lbsim_health_transitions_total", {"from_state": "healthy", "to_state": "unhealthy"}),
+    "_up": Selector("lbsim_health_transitions_total", {"from_state": "unhealthy", "to_state": "healthy"}),
+}
+
+
+def stage_columns(recorder: Recorder) -> list[dict[str, float]]:
+    """The recorded series pivoted into the stage detector's columns; columns a run does not have are left out
+    (a run without a control plane has no `cp_record`)."""
+    rows = pivot(recorder.rows(), _STAGE_SELECTORS, times=recorder.scrape_times)
+    present = {k for row in rows for k, v in row.items() if v == v}  # NaN marks "never scraped"
+    out: list[dict[str, float]] = []
+    previous: dict[str, float] = {}
+    for row in rows:
+        # A scrape that failed leaves a hole; the value before it stands, as a Prometheus graph would draw it.
+        row = {k: previous.get(k, v) if v != v else v for k, v in row.items()}
+        previous = row
+        r = {k: v for k, v in row.items() if k in present and not k.startswith("_")}
+        r["transitions_total"] = row["_down"] + row["_up"]
+        r["transitions_down_total"], r["transitions_up_total"] = row["_down"], row["_up"]
+        out.append(r)
+    return out
+
+
 def build_policies(entries: list[str | dict[str, Any]], source: str) -> list[Policy]:
     """Turn a scenario's or the CLI's policy entries into policy objects; errors name where they came from."""
     out: list[Policy] = []
@@ -124,9 +161,13 @@ class RunState:
     loop_lag: list[float] = field(default_factory=list)  # sim seconds
     probes_seen: int = 0
     ports: dict[str, Any] = field(default_factory=dict)
+    client_outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    stage_rows: list[dict[str, float]] | None = None  # from the recorder, once the run has ended
+    last_row: dict[str, float] = field(default_factory=dict)
 
     def add_request(self, r: RequestResult) -> None:
         self.requests.add(r.started, r.latency_s, r.ok)
+        self.client_outcomes[r.error or "ok"] += 1
         self.request_log.write(f"{r.started:.4f},{r.latency_s:.5f},{int(r.ok)},{r.error}\n")
 
     def add_sample(self, s: Sample, extra: dict[str, float]) -> None:
@@ -138,6 +179,7 @@ class RunState:
         }
         row.update(extra)
         self.timeseries.append(row)
+        self.last_row = row
 
 
 @dataclass(frozen=True)
@@ -200,7 +242,8 @@ class ScenarioRun:
         self.lb: LoadBalancer | None = None
         self.fleet: Targets | None = None
         self.control: ControlPlane | None = None
-        self._transitions = 0  # healthy <-> unhealthy, for the flapping stage
+        self.recorder: Recorder | None = None
+        self._transitions: collections.Counter[str] = collections.Counter()  # healthy <-> unhealthy
 
     # -- the run -----------------------------------------------------------------------------------------
 
@@ -216,7 +259,10 @@ class ScenarioRun:
         self.lb = LoadBalancer(self._balancer_config(), clock, self.policies, lb_registry, seed=self.seed,
                                on_event=self._on_lb_event, on_probe=self._on_probe)
         cp_registry = CollectorRegistry()
-        metrics = MetricsServer(lb_registry, self.fleet.registry, cp_registry)
+        run_registry = CollectorRegistry()
+        run_registry.register(RunCollector(self._latest_row, self.state.client_outcomes))
+        metrics = MetricsServer(lb_registry, self.fleet.registry, cp_registry, run_registry)
+        recorder: Recorder | None = None
         admin = AdminServer(self.fleet, port=self.admin_port)
         traffic: TrafficGenerator | None = None
         tasks: list[asyncio.Task[None]] = []
@@ -242,6 +288,15 @@ class ScenarioRun:
                 self.state.ports["dns"] = self.control.dns.port
             self.state.ports["metrics"] = await metrics.start("127.0.0.1", self.metrics_port)
             self.state.ports["admin"] = await admin.start()
+            # Everything the report's time series holds is what a Prometheus server would have scraped.
+            # A scrape gets at least half a wall second: at a high speed half an interval is too short a
+            # time for a busy loop to answer, and a missed scrape is a hole in the series.
+            recorder = self.recorder = Recorder(
+                clock, {"lbsim": f"http://127.0.0.1:{self.state.ports['metrics']}/metrics"}, sc.record_interval_s,
+                timeout_s=max(sc.record_interval_s / 2, clock.to_sim(0.5)),
+            )
+            weakref.finalize(self, recorder.close)
+            recorder.start()
             if self.on_started is not None:
                 self.on_started(dict(self.state.ports))
             cache = DnsCache(self._resolve, sc.traffic.dns_ttl_s)
@@ -282,6 +337,10 @@ class ScenarioRun:
         finally:
             self.end_sim = min(clock.now(), sc.duration_s)
             await cancel_and_wait(tasks)
+            if recorder is not None:
+                await recorder.stop()
+                await recorder.scrape_once()  # the final state, before anything is torn down
+                self.state.stage_rows = stage_columns(recorder)
             if self._retiring:
                 await asyncio.gather(*self._retiring, return_exceptions=True)
             if traffic is not None:
@@ -427,7 +486,9 @@ class ScenarioRun:
         s = Sample(self.clock.now(), registered, routed, lb.serving(), can, lb.admitted)
         if s.t < self.scenario.duration_s:
             extra = {"zones_in_dns": float(len(lb.dns.zones) if lb.dns else 0),
-                     "transitions_total": float(self._transitions)}
+                     "transitions_total": float(self._transitions.total()),
+                     "transitions_down_total": float(self._transitions["healthy->unhealthy"]),
+                     "transitions_up_total": float(self._transitions["unhealthy->healthy"])}
             if self.control is not None:
                 extra.update(self.control.sample())
             self.state.add_sample(s, extra)
@@ -441,7 +502,7 @@ class ScenarioRun:
     def _on_lb_event(self, ev: LbEvent) -> None:
         self._log(ev.at, ev.kind, ev.subject, {"detail": ev.detail} if ev.detail else {})
         if ev.kind == "transition" and ev.detail in ("healthy->unhealthy", "unhealthy->healthy"):
-            self._transitions += 1
+            self._transitions[ev.detail] += 1
         if ev.kind == "transition" and ev.detail.endswith("->unused") and self.fleet is not None:
             # The load balancer has forgotten the target; release its backend and network path too, so a run
             # with churn does not hold every socket it ever opened.
@@ -467,6 +528,9 @@ class ScenarioRun:
     def _on_cp_event(self, kind: str, subject: str, data: dict[str, Any]) -> None:
         extra = {k: v for k, v in data.items() if k != "at"}
         self._log(float(data.get("at", self.clock.now())), kind, subject, extra)
+
+    def _latest_row(self) -> dict[str, float]:
+        return self.state.last_row
 
     def _on_probe(self, report: ProbeReport) -> None:
         st = self.state
@@ -507,7 +571,9 @@ class ScenarioRun:
         out["probes_total"] = st.probes_seen
         out["loop_lag_p99_s"] = percentile(st.loop_lag, 99)
         out["fidelity_ok"] = self.fidelity_ok(out["loop_lag_p99_s"])
-        out["stages"] = [g.to_json() for g in detect_stages(st.timeseries, self.stage_rules(), self.end_sim)]
+        # From the recorded (scraped) series; a run that ended before its recorder ran has only its samples.
+        rows = st.stage_rows if st.stage_rows else st.timeseries
+        out["stages"] = [g.to_json() for g in detect_stages(rows, self.stage_rules(), self.end_sim)]
         return out
 
     def stage_rules(self) -> StageRules:
@@ -518,8 +584,9 @@ class ScenarioRun:
             hosts=cp.host_manager.hosts if cp is not None else 0,
             # Goodput stalled for three item timeouts: every item in flight timed out at least once meanwhile.
             collapse_window_s=3 * cp.host_manager.item_timeout_s if cp is not None else 30.0,
-            # Three health transitions within five check intervals is more than one failure explains.
-            flap_window_s=5 * sc.health_check.interval_s,
+            # Three health transitions within five check intervals is more than one failure explains; the
+            # window spans at least two of the recorder's scrapes, which is what it is measured on.
+            flap_window_s=max(5 * sc.health_check.interval_s, 2 * sc.record_interval_s),
         )
 
     def fidelity_ok(self, lag_p99_s: float | None) -> bool:
@@ -537,11 +604,14 @@ class ScenarioRun:
         with (out_dir / "events.jsonl").open("w") as f:
             for e in self.state.events:
                 f.write(json.dumps(e) + "\n")
-        with (out_dir / "timeseries.csv").open("w", newline="") as f:
+        with (out_dir / "samples.csv").open("w", newline="") as f:
             rows = self.state.timeseries
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["t"])
             w.writeheader()
             w.writerows(rows)
+        if self.recorder is not None:
+            self.recorder.write_csv(out_dir / "timeseries.csv")
+            self.recorder.write_parquet(out_dir / "timeseries.parquet")  # only where pyarrow is installed
         log = self.state.request_log
         log.flush()
         log.seek(0)

@@ -321,6 +321,7 @@ class Scenario(_Model):
     policy: list[PolicyEntry] = ["aws"]
     traffic: TrafficSpec = TrafficSpec()
     sample_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    record_interval_s: Annotated[float, Field(gt=0)] = 10.0  # how often the recorder scrapes /metrics
     control_plane: ControlPlaneSpec | None = None
     timeline: list[Event] = []
 

@@ -9,7 +9,8 @@ recorded, never copied from the timeline, so a policy or protection that prevent
 4. `leases-restored`: from the first lease re-established after the record came back to all hosts leased.
 5. `network-backlog`: the network manager's backlog is at least `backlog_min` items.
 6. `health-check-flapping`: the load balancer's health transitions come at `flap_min` or more per
-   `flap_window_s` (first such window to last).
+   `flap_window_s`, in both directions (targets failing and passing again: a zone dying at once is not
+   flapping), from the first such window to the last.
 7. `dns-failover-capacity-removed`: fewer zones than configured are in the load balancer's DNS.
 8. `recovered`: after every other stage ended, all zones are in DNS, no target that could serve is out of
    service, and the backlog is empty; until the end of the run.
@@ -144,7 +145,8 @@ def _flapping(rows: Sequence[Row], rules: StageRules, end_s: float) -> Stage | N
     for i, row in enumerate(rows):
         while rows[j]["t"] < row["t"] - rules.flap_window_s:
             j += 1
-        if row["transitions_total"] - rows[j]["transitions_total"] >= rules.flap_min:
+        both_ways = all(row[c] > rows[j][c] for c in _DIRECTIONS if c in row)
+        if row["transitions_total"] - rows[j]["transitions_total"] >= rules.flap_min and both_ways:
             # The window (rows[j].t, row.t] holds the burst; it began at the first transition in it.
             k = j
             while k < i and rows[k + 1]["transitions_total"] == rows[j]["transitions_total"]:
@@ -155,6 +157,10 @@ def _flapping(rows: Sequence[Row], rules: StageRules, end_s: float) -> Stage | N
     if first is None or last is None:
         return None
     return Stage("health-check-flapping", first, min(last, end_s))
+
+
+# Optional columns: transitions healthy -> unhealthy and back, counted separately.
+_DIRECTIONS = ("transitions_down_total", "transitions_up_total")
 
 
 def _recovered(rows: Sequence[Row], rules: StageRules, end_s: float, stages: Sequence[Stage]) -> Stage | None:

@@ -227,10 +227,10 @@ def test_run_writes_summary_events_timeseries_and_a_valid_scenario(tmp_path: Pat
     assert all(e["t"] > fault["t"] for e in events if e["kind"] == "ejected" and e["subject"].startswith("a-"))
     assert any(e["kind"] == "dns_removed" and e["subject"] == "a" for e in events)
 
-    with (out / "timeseries.csv").open() as f:
+    with (out / "samples.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert set(rows[0]) == {"t", "registered", "routed", "serving", "can_serve", "false_out", "missed_in",
-                            "zones_in_dns", "transitions_total"}
+                            "zones_in_dns", "transitions_total", "transitions_down_total", "transitions_up_total"}
     assert min(float(row["zones_in_dns"]) for row in rows) < 2  # zone a left DNS, as the event log says
     # One sample per sim second (sample_interval_s default 1) over 30 s.
     assert duration - 2 <= len(rows) <= duration + 2
@@ -239,6 +239,16 @@ def test_run_writes_summary_events_timeseries_and_a_valid_scenario(tmp_path: Pat
     assert int(rows[0]["can_serve"]) == 4 and int(rows[-1]["can_serve"]) == 2
     assert any(int(row["missed_in"]) > 0 for row in rows)
     assert (out / "requests.csv").read_text().startswith("started,latency_s,ok,error")
+    # The tidy series is what a scrape of /metrics gave, every record_interval_s (10) and once at the end.
+    with (out / "timeseries.csv").open() as f:
+        tidy = list(csv.DictReader(f))
+    assert list(tidy[0]) == ["t", "component", "metric", "labels", "value"]
+    times = sorted({float(r["t"]) for r in tidy})
+    assert times[0] < 1 and all(9 < b - a < 11 for a, b in itertools.pairwise(times[:-1]))
+    last = [r for r in tidy if float(r["t"]) == times[-1]]
+    requests = sum(float(r["value"]) for r in last if r["metric"] == "lbsim_client_requests_total")
+    assert requests == summary["requests_total"]
+    assert any(r["metric"] == "lbsim_truth_targets" and r["labels"] == "set=can_serve" for r in last)
 
     # The resolved scenario is a valid scenario that says what was run.
     resolved = out / "scenario.yaml"
@@ -310,8 +320,12 @@ def test_signal_stops_the_run_cleanly_and_keeps_the_results(tmp_path: Path, sig:
     assert seen_sim <= summary["duration_s"] < 600
     assert summary["requests_total"] > 0 and summary["probes_total"] > 0
     assert 0 <= summary["availability"] <= 1
-    rows = (out / "timeseries.csv").read_text().splitlines()
+    rows = (out / "samples.csv").read_text().splitlines()
     assert len(rows) - 1 >= int(seen_sim)  # the samples so far: one per sim second
+    # The recorder scraped up to the interruption: its last round is after what we saw.
+    with (out / "timeseries.csv").open() as f:
+        scraped = [float(r["t"]) for r in csv.DictReader(f)]
+    assert scraped and max(scraped) >= seen_sim - 10
     assert (out / "events.jsonl").read_text()
     assert "INCOMPLETE" in stdout
 

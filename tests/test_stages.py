@@ -81,6 +81,16 @@ def test_isolated_transitions_are_not_flapping_but_a_burst_is() -> None:
     assert [(s.name, s.start_s, s.end_s) for s in stages] == [("health-check-flapping", 10, 20), ("recovered", 20, 60)]
 
 
+def test_transitions_all_one_way_are_a_failure_not_flapping() -> None:
+    """A zone dying at once: four targets fail together, and return together much later."""
+    rows = series(8, transitions_total=[0, 4, 4, 4, 4, 4, 8, 8], transitions_down_total=[0, 4, 4, 4, 4, 4, 4, 4],
+                  transitions_up_total=[0, 0, 0, 0, 0, 0, 4, 4])
+    assert detect_stages(rows, RULES, end_s=80) == []
+    flapping = series(4, transitions_total=[0, 4, 4, 4], transitions_down_total=[0, 2, 2, 2],
+                      transitions_up_total=[0, 2, 2, 2])
+    assert [s.name for s in detect_stages(flapping, RULES, end_s=40)] == ["health-check-flapping", "recovered"]
+
+
 def test_failover_spans_from_first_removal_to_last_return() -> None:
     rows = series(7, zones_in_dns=[3, 2, 3, 1, 3, 3, 3], false_out=[0, 0, 0, 0, 1, 0, 0])
     stages = detect_stages(rows, RULES, end_s=70)
