@@ -84,6 +84,10 @@ SUMMARY_ROWS = [
     ("ejections", "ejections", "{}"),
     ("flaps", "flaps", "{}"),
     ("dns_failovers", "DNS failovers", "{}"),
+    ("time_to_detect_s", "time to detect a failure (sim s)", "{:.1f}"),
+    ("time_to_recover_s", "time to recover (sim s)", "{:.1f}"),
+    ("fail_open_zone_seconds", "fail-open (zone-s)", "{:.0f}"),
+    ("panic_zone_seconds", "panic (zone-s)", "{:.0f}"),
     ("checker_lateness_p99_s", "checker lateness p99 (sim s)", "{:.4f}"),
     ("loop_lag_p99_s", "event-loop lag p99 (sim s)", "{:.4f}"),
 ]

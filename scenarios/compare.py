@@ -49,6 +49,7 @@ TABLE_METRICS: list[tuple[str, str, str]] = [
     ("missed_ejection_target_seconds", "missed ejections", "target-s"),
     ("dns_failovers", "DNS failovers", ""),
     ("flaps", "flaps", ""),
+    ("time_to_detect_s", "time to detect", "s"),
 ]
 
 # Exit codes of an interrupted child: 130 from lbsim's own handler, -SIGINT if the signal came before it was set.

@@ -15,6 +15,15 @@ Definitions (sim seconds; a sample's state holds until the next sample):
 - ejections: targets taken out of service; flaps: returns to service after an ejection.
 - dns_failovers: zone nodes removed from DNS.
 - checker_lateness_p99_s: 99th percentile of how late probes started against their schedule.
+- time_to_detect_s (mean) and time_to_detect_max_s: for each real failure (a registered target that could serve
+  and was receiving new connections stops being able to serve), the time until it receives no more new
+  connections; `failures_undetected` counts failures still receiving connections when they ended or the run
+  did.
+- time_to_recover_s (mean) and time_to_recover_max_s: for each such failure that ended (the target can serve
+  again), the time until it receives new connections again; `recoveries_pending` counts those not yet back.
+- fail_open_zone_seconds, panic_zone_seconds: zone-seconds a zone node spent routing to every target (fail-open)
+  or ignoring health (panic), from the load balancer's mode events.
+Times are measured on the samples (resolution: the sample interval).
 """
 
 from __future__ import annotations
@@ -166,3 +175,87 @@ def event_metrics(events: Iterable[tuple[str, str]]) -> dict[str, int]:
     for kind, subject in events:
         tally.add(kind, subject)
     return tally.result()
+
+
+class RecoveryTally:
+    """Time to detect and to recover from real failures, sample by sample.
+
+    A failure starts at the first sample where a registered target that was serving (receiving new connections)
+    cannot serve. It is detected at the first sample where it no longer serves; it ends at the first sample
+    where it can serve again, and is recovered at the first sample where it serves again.
+    """
+
+    def __init__(self) -> None:
+        self._prev: Sample | None = None
+        self._failing: dict[str, float] = {}  # target -> when it failed, not yet detected
+        self._detected: set[str] = set()  # failed and out of service
+        self._ended: dict[str, float] = {}  # target -> when it could serve again, not yet back in service
+        self.detect: list[float] = []
+        self.recover: list[float] = []
+        self.undetected = 0
+
+    def add(self, s: Sample) -> None:
+        prev = self._prev
+        self._prev = s
+        if prev is not None:
+            for tid in (prev.serving & prev.can_serve & s.registered) - s.can_serve:
+                if tid not in self._failing and tid not in self._detected:
+                    self._failing[tid] = s.t
+        for tid, since in list(self._failing.items()):
+            if tid not in s.registered:
+                del self._failing[tid]
+            elif tid not in s.serving:
+                self.detect.append(s.t - since)
+                del self._failing[tid]
+                self._detected.add(tid)
+            elif tid in s.can_serve:
+                self.undetected += 1  # it came back before anything noticed
+                del self._failing[tid]
+        for tid in list(self._detected):
+            if tid not in s.registered:
+                self._detected.discard(tid)
+            elif tid in s.can_serve:
+                self._detected.discard(tid)
+                self._ended[tid] = s.t
+        for tid, since in list(self._ended.items()):
+            if tid not in s.registered:
+                del self._ended[tid]
+            elif tid in s.serving:
+                self.recover.append(s.t - since)
+                del self._ended[tid]
+
+    def result(self) -> dict[str, float | int | None]:
+        def mean(xs: list[float]) -> float | None:
+            return round(sum(xs) / len(xs), 3) if xs else None
+
+        return {
+            "time_to_detect_s": mean(self.detect),
+            "time_to_detect_max_s": round(max(self.detect), 3) if self.detect else None,
+            "failures_undetected": self.undetected + len(self._failing),
+            "time_to_recover_s": mean(self.recover),
+            "time_to_recover_max_s": round(max(self.recover), 3) if self.recover else None,
+            "recoveries_pending": len(self._ended),
+        }
+
+
+class ModeTally:
+    """Zone-seconds in each routing mode, from (time, zone, mode) events in time order."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._mode: dict[str, tuple[str, float]] = {}
+        self._start = start
+        self.seconds: dict[str, float] = {}
+
+    def add(self, t: float, zone: str, mode: str) -> None:
+        old, since = self._mode.get(zone, ("normal", self._start))
+        self.seconds[old] = self.seconds.get(old, 0.0) + max(0.0, t - since)
+        self._mode[zone] = (mode, t)
+
+    def result(self, end: float) -> dict[str, float]:
+        totals = dict(self.seconds)
+        for mode, since in self._mode.values():
+            totals[mode] = totals.get(mode, 0.0) + max(0.0, end - since)
+        return {
+            "fail_open_zone_seconds": round(totals.get("fail_open", 0.0), 3),
+            "panic_zone_seconds": round(totals.get("panic", 0.0), 3),
+        }

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from scenarios.compare import TABLE_METRICS
 
-_FORMATS: Mapping[str, str] = {"points": "{:.4f}", "target-s": "{:.1f}", "": "{:.4g}"}
+_FORMATS: Mapping[str, str] = {"points": "{:.4f}", "target-s": "{:.1f}", "s": "{:.1f}", "": "{:.4g}"}
 _SHARE_FORMAT = "{:.3f}"
 # Short column headers, so a table of ranges still fits a terminal; the words of TABLE_METRICS otherwise.
 _HEADERS: Mapping[str, str] = {
@@ -205,7 +205,7 @@ def compare_table(doc: Mapping[str, Any]) -> Table:
     # Folded rather than cut with an ellipsis on a narrow terminal: a number must never be shown truncated.
     table.add_column("policy", overflow="fold")
     for key, words, unit in TABLE_METRICS:
-        header = _HEADERS.get(key, words) + ("\n(target-s)" if unit == "target-s" else "")
+        header = _HEADERS.get(key, words) + (f"\n({unit})" if unit in ("target-s", "s") else "")
         table.add_column(header, justify="right", overflow="fold")
     for policy, metrics in doc["policies"].items():
         cells = []

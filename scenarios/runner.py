@@ -32,7 +32,15 @@ from lb.policies import POLICY_TYPES, PolicyError, make_policy, parse_policy_spe
 from lb.policy import Policy
 from lb.targets import Target
 from scenarios.controlplane import LEASE_STORE_NAME, ControlPlane
-from scenarios.outcomes import CapacityTally, RequestTally, Sample, event_metrics, percentile
+from scenarios.outcomes import (
+    CapacityTally,
+    ModeTally,
+    RecoveryTally,
+    RequestTally,
+    Sample,
+    event_metrics,
+    percentile,
+)
 from scenarios.recorder import Recorder, Selector, pivot
 from scenarios.schema import Event, Scenario, ScenarioError
 from scenarios.stages import StageRules, detect_stages
@@ -152,6 +160,8 @@ class RunState:
     """
 
     capacity: CapacityTally = field(default_factory=CapacityTally)
+    recovery: RecoveryTally = field(default_factory=RecoveryTally)
+    modes: ModeTally = field(default_factory=ModeTally)
     requests: RequestTally = field(default_factory=RequestTally)
     timeseries: list[dict[str, float]] = field(default_factory=list)
     # Spooled to disk rather than held in memory; closed (and so deleted) once the run directory is written.
@@ -172,6 +182,7 @@ class RunState:
 
     def add_sample(self, s: Sample, extra: dict[str, float]) -> None:
         self.capacity.add(s)
+        self.recovery.add(s)
         false_out = len((s.can_serve & s.admitted & s.registered) - s.routed)
         row: dict[str, float] = {
             "t": round(s.t, 3), "registered": len(s.registered), "routed": len(s.routed), "serving": len(s.serving),
@@ -501,6 +512,8 @@ class ScenarioRun:
 
     def _on_lb_event(self, ev: LbEvent) -> None:
         self._log(ev.at, ev.kind, ev.subject, {"detail": ev.detail} if ev.detail else {})
+        if ev.kind == "mode":
+            self.state.modes.add(ev.at, ev.subject, ev.detail)
         if ev.kind == "transition" and ev.detail in ("healthy->unhealthy", "unhealthy->healthy"):
             self._transitions[ev.detail] += 1
         if ev.kind == "transition" and ev.detail.endswith("->unused") and self.fleet is not None:
@@ -567,6 +580,8 @@ class ScenarioRun:
         out.update(st.requests.result())
         out.update(st.capacity.result(self.end_sim))
         out.update(event_metrics((e["kind"], e["subject"]) for e in st.events))
+        out.update(st.recovery.result())
+        out.update(st.modes.result(self.end_sim))
         out["checker_lateness_p99_s"] = percentile(st.lateness, 99)
         out["probes_total"] = st.probes_seen
         out["loop_lag_p99_s"] = percentile(st.loop_lag, 99)

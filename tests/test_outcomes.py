@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from scenarios.outcomes import Sample, capacity_metrics, event_metrics, percentile, request_metrics
+from scenarios.outcomes import (
+    ModeTally,
+    RecoveryTally,
+    Sample,
+    capacity_metrics,
+    event_metrics,
+    percentile,
+    request_metrics,
+)
 
 
 def fs(*ids: str) -> frozenset[str]:
@@ -73,3 +81,50 @@ def test_time_after_the_end_does_not_count() -> None:
 def test_missed_ejection_ignores_zones_dns_has_withdrawn() -> None:
     s = Sample(0, fs("a", "b"), fs("a", "b"), fs("a"), fs("a"), fs("a", "b"))  # b routed by an unpublished node
     assert capacity_metrics([s], end=10)["missed_ejection_target_seconds"] == 0
+
+
+def test_detection_and_recovery_times_on_a_hand_made_series() -> None:
+    everyone = fs("a", "b", "c")
+    samples = [
+        Sample(0, everyone, everyone, everyone, everyone, everyone),
+        # t=10: a dies (still served); t=14: a taken out -> detected after 4 s.
+        Sample(10, everyone, everyone, everyone, fs("b", "c"), everyone),
+        Sample(14, everyone, fs("b", "c"), fs("b", "c"), fs("b", "c"), everyone),
+        # t=20: a can serve again; t=26: back in service -> recovered after 6 s.
+        Sample(20, everyone, fs("b", "c"), fs("b", "c"), everyone, everyone),
+        Sample(26, everyone, everyone, everyone, everyone, everyone),
+        # t=30: b dies and comes back at t=32 before anything noticed: undetected.
+        Sample(30, everyone, everyone, everyone, fs("a", "c"), everyone),
+        Sample(32, everyone, everyone, everyone, everyone, everyone),
+        # t=40: c dies, detected at 50, never back by the end: a pending recovery.
+        Sample(40, everyone, everyone, everyone, fs("a", "b"), everyone),
+        Sample(50, everyone, fs("a", "b"), fs("a", "b"), fs("a", "b"), everyone),
+    ]
+    tally = RecoveryTally()
+    for s in samples:
+        tally.add(s)
+    m = tally.result()
+    assert m["time_to_detect_s"] == (4 + 10) / 2 and m["time_to_detect_max_s"] == 10
+    assert m["time_to_recover_s"] == 6 and m["time_to_recover_max_s"] == 6
+    assert m["failures_undetected"] == 1 and m["recoveries_pending"] == 0
+
+
+def test_a_target_that_never_served_is_not_a_failure_and_nothing_means_none() -> None:
+    # A new target blackholed from the start (network pending), then routed once its path opens.
+    samples = [Sample(0, fs("a", "new"), fs("a"), fs("a"), fs("a"), fs("a")),
+               Sample(5, fs("a", "new"), fs("a", "new"), fs("a", "new"), fs("a", "new"), fs("a", "new"))]
+    tally = RecoveryTally()
+    for s in samples:
+        tally.add(s)
+    assert tally.result() == {"time_to_detect_s": None, "time_to_detect_max_s": None, "failures_undetected": 0,
+                              "time_to_recover_s": None, "time_to_recover_max_s": None, "recoveries_pending": 0}
+
+
+def test_zone_seconds_in_fail_open_and_panic() -> None:
+    modes = ModeTally()
+    modes.add(10, "a", "fail_open")
+    modes.add(25, "a", "normal")
+    modes.add(30, "b", "panic")
+    modes.add(40, "a", "fail_open")
+    assert modes.result(end=50) == {"fail_open_zone_seconds": 15 + 10, "panic_zone_seconds": 20}
+    assert ModeTally().result(end=50) == {"fail_open_zone_seconds": 0, "panic_zone_seconds": 0}
