@@ -311,6 +311,7 @@ class Naive(BuiltinPolicy):
     """
 
     name = "naive"
+    origin = "lbsim (the baseline: no protection)"
 
 
 @dataclass(eq=False)
@@ -323,6 +324,7 @@ class FailOpen(BuiltinPolicy):
     """
 
     name = "fail-open"
+    origin = "AWS (NLB fail-open)"
 
     def on_zones(self, snap: Snapshot, d: Decision) -> None:
         if not any(t.id in d.in_service for t in snap.registered()):
@@ -353,6 +355,7 @@ class MinHealthy(BuiltinPolicy):
     """
 
     name = "min-healthy"
+    origin = "AWS (target-group health)"
     min_count: int | None = 1
     min_percent: float | None = None
     actions: frozenset[str] = _MIN_HEALTHY_ACTIONS
@@ -410,6 +413,7 @@ class DnsFailover(BuiltinPolicy):
     """
 
     name = "dns-failover"
+    origin = "AWS (NLB DNS failover)"
     enabled: bool = True
     min_healthy: int = 1
 
@@ -447,6 +451,7 @@ class Panic(BuiltinPolicy):
     """
 
     name = "panic"
+    origin = "Envoy (healthy panic threshold)"
     threshold_percent: float = 50.0
     fail_traffic: bool = False
 
@@ -483,6 +488,7 @@ class MaxEjection(BuiltinPolicy):
     """
 
     name = "max-ejection"
+    origin = "Envoy / gRPC (max ejection percent)"
     max_percent: float = 10.0
     semantics: Literal["before", "inclusive"] = "inclusive"
     always_eject_one_host: bool = False
@@ -541,6 +547,7 @@ class Velocity(BuiltinPolicy):
     """
 
     name = "velocity"
+    origin = "AWS (post-incident fix; parameters lbsim)"
     max_removed_percent: float = 10.0
     window_s: float = 300.0
     floor_percent: float = 50.0
@@ -637,6 +644,7 @@ class FlapDamping(BuiltinPolicy):
     """
 
     name = "flap-damping"
+    origin = "lbsim (after BGP route-flap damping, RFC 2439)"
     penalty: float = 1000.0
     half_life_s: float = 60.0
     suppress_threshold: float = 2000.0
@@ -728,6 +736,7 @@ class PassiveChecks(BuiltinPolicy):
     """
 
     name = "passive"
+    origin = "HAProxy / Envoy (observe layer4, outlier detection)"
     consecutive_failures: int = 5
     base_ejection_s: float = 30.0
     max_ejection_s: float = 300.0

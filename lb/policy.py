@@ -112,6 +112,7 @@ class Policy:
     """Base class of every protection. Subclasses set `name` and override the hooks they need."""
 
     name: str = "policy"
+    origin: str = "user"  # where the idea comes from (AWS, Envoy, HAProxy, gRPC, lbsim), for `lbsim policies`
 
     def stage(self) -> int:
         """Where this policy runs within each phase (see `Stage`); may depend on its current parameters."""

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Coroutine
 from datetime import datetime
 from enum import StrEnum
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -19,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lb.policies import POLICY_TYPES, PRESETS, PolicyError
+from lb.policies import POLICY_TYPES, PRESETS, BuiltinPolicy, PolicyError
 from scenarios.compare import (
     CompareRunner,
     Job,
@@ -37,7 +38,7 @@ from scenarios.compare import (
 from scenarios.report import ReportError, compare_table, is_compare_dir, is_run_dir, plot_compare, plot_run, read_json
 from scenarios.runner import Progress as RunProgress
 from scenarios.runner import ScenarioRun
-from scenarios.schema import ScenarioError, builtin_names, load_scenario
+from scenarios.schema import Scenario, ScenarioError, builtin_names, load_scenario
 
 app = typer.Typer(
     add_completion=False,
@@ -250,9 +251,21 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
             raise _fail(f"could not start: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
 
 
-@app.command("scenarios")
+scenarios_app = typer.Typer(help="The built-in scenarios: list them, show one, or print the file format's schema.",
+                            no_args_is_help=False)
+app.add_typer(scenarios_app, name="scenarios")
+
+
+@scenarios_app.callback(invoke_without_command=True)
+def scenarios_main(ctx: typer.Context) -> None:
+    """List the built-in scenarios (same as `lbsim scenarios list`)."""
+    if ctx.invoked_subcommand is None:
+        list_scenarios()
+
+
+@scenarios_app.command("list")
 def list_scenarios() -> None:
-    """List the built-in scenarios."""
+    """List the built-in scenarios and what each teaches."""
     table = Table(title="built-in scenarios")
     table.add_column("name")
     table.add_column("what it teaches")
@@ -263,17 +276,46 @@ def list_scenarios() -> None:
     out.print(table)
 
 
+@scenarios_app.command("show")
+def show_scenario(name: Annotated[str, typer.Argument(help="A built-in scenario name.")]) -> None:
+    """Print a built-in scenario's file, to read or to copy and edit."""
+    if name not in builtin_names():
+        raise _fail(f"{name!r} is not a built-in scenario (built-ins: {', '.join(builtin_names())})")
+    # Written as is, not through rich: a terminal-width wrap would change the file.
+    typer.echo(resources.files("scenarios.library").joinpath(f"{name}.yaml").read_text(), nl=False)
+
+
+@scenarios_app.command("schema")
+def scenario_schema() -> None:
+    """Print the JSON Schema of the scenario format (for editors: yaml-language-server and the like)."""
+    out.print_json(json.dumps(Scenario.model_json_schema(by_alias=True)))
+
+
 @app.command()
 def policies() -> None:
-    """List the built-in policies and presets."""
+    """List the built-in policies (parameters with defaults, origin) and presets."""
     table = Table(title="policies")
     table.add_column("name")
     table.add_column("what it does")
+    table.add_column("parameters (defaults)")
+    table.add_column("origin")
     for name, cls in sorted(POLICY_TYPES.items()):
-        table.add_row(name, (cls.__doc__ or "").strip().split("\n")[0])
+        defaults = ", ".join(f"{k}={_fmt_default(v)}" for k, v in cls().params().items()) if issubclass(
+            cls, BuiltinPolicy) else ""
+        table.add_row(name, (cls.__doc__ or "").strip().split("\n")[0], defaults, cls.origin)
     for name, spec in sorted(PRESETS.items()):
-        table.add_row(f"{name} (preset)", spec)
+        table.add_row(f"{name} (preset)", spec, "", "")
     out.print(table)
+
+
+def _fmt_default(value: Any) -> str:
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, frozenset | set | list | tuple):
+        return "[" + ",".join(sorted(str(v) for v in value)) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @app.command()

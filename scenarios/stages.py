@@ -172,6 +172,8 @@ def _recovered(rows: Sequence[Row], rules: StageRules, end_s: float, stages: Seq
     for r in rows:
         if r["t"] < after:
             continue
+        if r["t"] >= end_s:
+            break  # the final scrape at the end is not a recovery
         if r.get("zones_in_dns", rules.zones) < rules.zones or r.get("net_backlog", 0.0) >= rules.backlog_min:
             continue
         if r.get("false_out", 0.0) > 0:

@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -510,6 +511,35 @@ def test_scenarios_policies_and_validate_a_builtin() -> None:
     r = lbsim("validate", "no-such-scenario")
     assert r.returncode == 2
     assert "no-such-scenario" in r.stderr and "zone-outage" in unwrap(r.stderr)
+
+
+def test_scenarios_list_show_schema_and_policies_with_origins() -> None:
+    r = lbsim("scenarios", "list")
+    assert r.returncode == 0, r.stderr
+    assert all(name in r.stdout for name in builtin_names())
+
+    r = lbsim("scenarios", "show", "dns-enactor-race")
+    assert r.returncode == 0, r.stderr
+    # The file itself, byte for byte, so it can be copied and edited.
+    assert r.stdout == resources.files("scenarios.library").joinpath("dns-enactor-race.yaml").read_text()
+    r = lbsim("scenarios", "show", "no-such")
+    assert r.returncode == 2 and "aws-2025-10-20" in unwrap(r.stderr)
+
+    r = lbsim("scenarios", "schema")
+    assert r.returncode == 0, r.stderr
+    schema = json.loads(r.stdout)
+    assert schema["additionalProperties"] is False  # editors flag unknown fields too
+    assert {"name", "timeline", "control_plane", "health_check"} <= set(schema["properties"])
+    assert "ControlAction" in schema["$defs"]
+
+    # On a wide terminal each policy is one line: its parameters with their defaults, and where it comes from.
+    wide = subprocess.run([*LBSIM, "policies"], capture_output=True, text=True, timeout=START_LIMIT_S,
+                          env={**env(), "COLUMNS": "400"})
+    assert wide.returncode == 0, wide.stderr
+    rows = {line.split("│")[1].strip(): line for line in wide.stdout.splitlines() if line.count("│") >= 4}
+    assert "max_removed_percent=10" in rows["velocity"] and "AWS" in rows["velocity"]
+    assert "Envoy" in rows["panic"] and "gRPC" in rows["max-ejection"] and "HAProxy" in rows["passive"]
+    assert "lbsim" in rows["naive"] and "lbsim" in rows["flap-damping"]
 
 
 # -- the run's clock ------------------------------------------------------------------------------------------------
