@@ -1,7 +1,8 @@
 """aiohttp backends: many backends in one process, one AppRunner, one site per port, state looked up by port.
 
 Each backend is a listening socket on 127.0.0.1; every request finds its backend by the local port it
-arrived on. Routes: `GET /health` (shallow) and `GET /work?bytes=N`. Modes:
+arrived on. Routes: `GET /health` (shallow), `GET /health/deep` (also checks the backend's dependency: 503
+while `deep_ok` is false, a setting kept across modes) and `GET /work?bytes=N`. Modes:
 
 - `healthy`: /health answers 200 "ok"; /work answers N bytes after `work_latency_s`, or 500 with
   probability `error_rate` (seeded per backend).
@@ -55,6 +56,7 @@ class BackendState:
     work_latency_s: float  # what /work takes in every answering mode but `unhealthy`
     error_rate: float  # share of /work answered 500
     capacity_per_s: float | None  # /work requests per sim second before 503; None = unlimited
+    deep_ok: bool  # what /health/deep reports of the backend's dependency
     requests: int  # every request that reached a handler
     ok: int  # answered 2xx
     errors: int  # answered 5xx (or the `unhealthy` status)
@@ -69,7 +71,7 @@ class BackendState:
         if self.mode is BackendMode.SLOW:
             out["latency_s"] = self.latency_s
         return out | {"work_latency_s": self.work_latency_s, "error_rate": self.error_rate,
-                      "capacity_per_s": self.capacity_per_s}
+                      "capacity_per_s": self.capacity_per_s, "deep_ok": self.deep_ok}
 
 
 def parse_mode(mode: str) -> BackendMode:
@@ -86,6 +88,7 @@ class _Backend:
     ) -> None:
         self.id = backend_id
         self.capacity_per_s = capacity_per_s
+        self.deep_ok = True
         self.tokens = capacity_per_s or 0.0
         self.tokens_at = float("-inf")
         self.port: int = sock.getsockname()[1]
@@ -110,6 +113,7 @@ class _Backend:
             self.work_latency_s,
             self.error_rate,
             self.capacity_per_s,
+            self.deep_ok,
             self.requests,
             self.ok,
             self.errors,
@@ -149,6 +153,7 @@ class BackendFleet:
             return
         app = web.Application()
         app.router.add_get("/health", self._health)
+        app.router.add_get("/health/deep", self._deep_health)
         app.router.add_get("/work", self._work)
         # handler_cancellation: a request the client gave up on (a hung or slow one) must not outlive
         # its connection. A short shutdown timeout: stop() has already dropped every connection.
@@ -197,7 +202,11 @@ class BackendFleet:
         b = self._get(backend_id)
         new = parse_mode(mode)
         mode_params = {BackendMode.UNHEALTHY: {"status"}, BackendMode.SLOW: {"latency_s"}}.get(new, set())
-        _params.only(params, mode_params | {"work_latency_s", "error_rate", "capacity_per_s"}, f"mode {new.value}")
+        _params.only(params, mode_params | {"work_latency_s", "error_rate", "capacity_per_s", "deep_ok"},
+                     f"mode {new.value}")
+        deep_ok = params.get("deep_ok", b.deep_ok)
+        if not isinstance(deep_ok, bool):
+            raise ValueError(f"deep_ok must be true or false, got {deep_ok!r}")
         status = _params.integer("status", params.get("status", 503), low=200, high=599)
         if new is BackendMode.SLOW and "latency_s" not in params:
             raise ValueError("mode slow needs latency_s")
@@ -210,7 +219,7 @@ class BackendFleet:
         async with self._lock:
             old = b.mode
             b.mode, b.status, b.latency_s = new, status, latency_s
-            b.work_latency_s, b.error_rate = work_latency_s, error_rate
+            b.work_latency_s, b.error_rate, b.deep_ok = work_latency_s, error_rate, deep_ok
             if capacity_per_s != b.capacity_per_s:
                 b.capacity_per_s, b.tokens, b.tokens_at = capacity_per_s, capacity_per_s or 0.0, float("-inf")
             if new is BackendMode.CRASH and old is not BackendMode.CRASH:
@@ -284,6 +293,19 @@ class BackendFleet:
         if b.mode is BackendMode.UNHEALTHY:
             b.errors += 1
             return web.Response(status=b.status, text="unhealthy")
+        await self._answer_delay(b, 0.0)
+        b.ok += 1
+        return web.Response(text="ok")
+
+    async def _deep_health(self, request: web.Request) -> web.StreamResponse:
+        """As /health, and the dependency too: a deep check fails when what the backend depends on does."""
+        b = self._backend_for(request)
+        if b.mode in (BackendMode.HANG, BackendMode.CRASH):
+            return await self._hold(b, request)
+        if b.mode is BackendMode.UNHEALTHY or not b.deep_ok:
+            b.errors += 1
+            return web.Response(status=b.status if b.mode is BackendMode.UNHEALTHY else 503,
+                                text="dependency down" if not b.deep_ok else "unhealthy")
         await self._answer_delay(b, 0.0)
         b.ok += 1
         return web.Response(text="ok")

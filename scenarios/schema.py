@@ -106,6 +106,7 @@ class BackendChange(_Model):
     latency_s: Annotated[float, Field(ge=0)] | None = None
     error_rate: Annotated[float, Field(ge=0, le=1)] | None = None
     capacity_per_s: Annotated[float, Field(gt=0)] | None = None
+    deep_ok: bool | None = None  # what /health/deep says of the backend's dependency
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k != "mode" and v is not None}

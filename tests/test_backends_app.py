@@ -85,7 +85,7 @@ async def test_slow_and_work_latency_add_sim_time(fleet: BackendFleet, http: aio
     assert t2 - t1 >= 0.3
     await fleet.set_mode("a", "healthy")  # work_latency_s is a setting and stays; latency_s goes
     assert fleet.state("a").settings() == {"mode": "healthy", "work_latency_s": 0.2, "error_rate": 0.0,
-                                           "capacity_per_s": None}
+                                           "capacity_per_s": None, "deep_ok": True}
 
 
 async def test_capacity_answers_503_beyond_its_rate_and_leaves_health_checks_alone(
@@ -110,6 +110,23 @@ async def test_capacity_answers_503_beyond_its_rate_and_leaves_health_checks_alo
     assert fleet.state("a").capacity_per_s == rate
     with pytest.raises(ValueError, match="capacity_per_s"):
         await fleet.set_mode("a", "healthy", capacity_per_s=0)
+
+
+async def test_deep_health_fails_with_the_dependency_while_work_and_shallow_health_go_on(
+    fleet: BackendFleet, http: aiohttp.ClientSession
+) -> None:
+    port = await fleet.add("a")
+    assert (await get(http, port, "/health/deep"))[0] == 200
+    await fleet.set_mode("a", "healthy", deep_ok=False)
+    assert await get(http, port, "/health/deep") == (503, b"dependency down")
+    assert (await get(http, port, "/health"))[0] == 200
+    assert (await get(http, port, "/work?bytes=3")) == (200, b"xxx")
+    await fleet.set_mode("a", "slow", latency_s=0.01)  # a setting: kept across modes
+    assert (await get(http, port, "/health/deep"))[0] == 503
+    await fleet.set_mode("a", "healthy", deep_ok=True)
+    assert (await get(http, port, "/health/deep"))[0] == 200
+    with pytest.raises(ValueError, match="deep_ok"):
+        await fleet.set_mode("a", "healthy", deep_ok="no")
 
 
 async def test_error_rate_answers_that_share_of_work_with_500(
