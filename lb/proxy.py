@@ -94,6 +94,10 @@ _PAUSE_EARLY = 1
 _PAUSE_UPSTREAM_FULL = 2
 
 
+# How long stop() waits for the last flows' transports to report their close before finishing them itself (wall s).
+_STOP_GRACE_S = 2.0
+
+
 def _rst(transport: asyncio.Transport) -> None:
     """Drop a connection with an RST: SO_LINGER 0, then abort (which discards unsent data and closes)."""
     sock = transport.get_extra_info("socket")
@@ -143,6 +147,7 @@ class NodeProxy:
         self._flows: set[_Flow] = set()
         self._by_target: dict[str, set[_Flow]] = {}
         self._idle: asyncio.Future[None] | None = None
+        self.forced_finishes = 0  # flows stop() had to finish itself (see _Flow.force_finish)
         self.accepted = 0  # connections accepted since construction
         # Times one side stopped being read because the other side's write buffer was full.
         self.backpressure_pauses = 0
@@ -193,7 +198,12 @@ class NodeProxy:
                     idle = self._idle
                     if idle is None or idle.done():  # shared with a concurrent stop() call, if any
                         idle = self._idle = asyncio.get_running_loop().create_future()
-                    await idle
+                    await asyncio.wait({idle}, timeout=_STOP_GRACE_S)
+                    if not idle.done():
+                        # A transport whose connection_lost never came must not keep stop() waiting forever.
+                        for flow in tuple(self._flows):
+                            self.forced_finishes += 1
+                            flow.force_finish()
             else:
                 quiet += 1
                 await asyncio.sleep(0)
@@ -533,6 +543,28 @@ class _Flow(asyncio.Protocol):
             self.up_state = _CLOSING
             _rst(cast(asyncio.Transport, self.up))
         return live
+
+    def force_finish(self) -> None:
+        """Last resort of stop(): abort both sides and report the flow now, even if a transport never
+        delivers connection_lost (seen with uvloop when a connect completes in the loop iteration its task
+        is cancelled: the transport is closed underneath and no callback follows)."""
+        if self.done:
+            return
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+        for transport in (self.client, self.up):
+            if transport is not None:
+                _rst(transport)
+        if self.outcome is None:
+            self.outcome = ConnOutcome.TERMINATED
+        self.client_open = False
+        self.client_lost = True
+        self.up_state = _CLOSED
+        self._maybe_finish()
 
     def _fail(self, outcome: ConnOutcome) -> None:
         """Reset the client before any upstream exists (no target, or the node is stopping)."""

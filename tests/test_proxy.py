@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import LOOPS, run_on
 
+import lb.proxy as proxy_module
 from lb.proxy import ConnectionReport, ConnOutcome, FlowKey, NodeProxy
 from lb.targets import Target
 
@@ -830,6 +832,34 @@ def test_stop_right_after_connects_race(loop_kind: str) -> None:
         await h.stop()  # asserts one report per accepted connection
         for s in socks:
             s.close()
+        await backend.close()
+
+    run_on(loop_kind, body)
+
+
+def test_stop_finishes_a_flow_whose_transport_never_reports_its_close(
+    loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvloop can close an upstream transport underneath a flow without calling connection_lost (a connect that
+    completes in the iteration its task is cancelled). stop() must not wait for that callback forever: after
+    its grace period it finishes the flow itself, reports it once and releases its sockets."""
+
+    async def body() -> None:
+        backend = Backend(lambda: Endpoint(echo=True))
+        bport = await backend.start()
+        h = Harness(fixed(target(bport)))
+        await h.start()
+        client = await connect(h.port)
+        client.t.write(b"hi")
+        await client.wait_bytes(2)
+        # The fault: the upstream side's close is never reported.
+        monkeypatch.setattr(proxy_module._Upstream, "connection_lost", lambda self, exc: None)
+        t0 = time.monotonic()
+        await h.stop()  # asserts one report per accepted connection
+        assert time.monotonic() - t0 < proxy_module._STOP_GRACE_S + 1.0
+        assert h.proxy.forced_finishes == 1
+        assert [r.outcome for r in h.reports] == [ConnOutcome.TERMINATED]
+        assert isinstance(await client.lost, ConnectionResetError)
         await backend.close()
 
     run_on(loop_kind, body)
