@@ -59,6 +59,7 @@ class ControlPlane:
         on_launched: OnLaunched,
         on_terminated: Callable[[str], None],
         on_event: OnEvent,
+        dns_port: int = 0,
     ) -> None:
         assert scenario.control_plane is not None
         self.spec: ControlPlaneSpec = scenario.control_plane
@@ -70,6 +71,7 @@ class ControlPlane:
         self._on_launched = on_launched
         self._on_terminated = on_terminated
         self._on_event = on_event
+        self.dns_port = dns_port  # 0: an ephemeral port; `lbsim serve` fixes it so an operator can dig it
         self.store: LeaseStoreServer | None = None
         self.dns: DnsService | None = None
         self.host_resolver: Resolver | None = None
@@ -105,6 +107,7 @@ class ControlPlane:
                 self.registry,
                 extra=self._extra,
                 extra_ttl=self._extra_ttl,
+                port=self.dns_port,
             )
             self.dns.on_event = lambda kind, data: self._on_event(f"dns_{kind}", "dns", data)
             await self.dns.start()
