@@ -1,13 +1,35 @@
-"""The scenario file format (YAML, validated by pydantic) and its loader with errors that name file and field."""
+"""The scenario file format (YAML, validated by pydantic) and its loader with errors that name file and field.
+
+Rules of the format, each enforced at load time so a mistake is reported before anything starts:
+1. Durations are plain numbers of sim seconds, in fields whose names end in `_s` (and `at`); rates are numbers
+   per sim second (`_per_s`). Strings (`"10"`, `"10s"`, `"10 ms"`) and booleans are rejected wherever a number
+   is expected, with one message per field; ints are accepted where floats are.
+2. Unknown fields are rejected with a "did you mean" from the fields allowed at that place (aliases included).
+3. Thresholds are 1-10 (AWS allows 2-10; 1 is allowed for speed and noted), fractions 0-1, intervals > 0.
+4. Timeline events happen within the run, select zones and targets this scenario has (`<zone>-<n>`, or
+   `<zone>-i<n>` for instances a control plane launches), and two events at the same `at` must not conflict:
+   the same kind of change (path, backend, deregister) to overlapping selections, the same control action, or
+   the same policy parameter.
+5. A scenario's `policy:` entries name only built-in policies and presets, and are built when the file is
+   loaded; `module:Class` paths belong to `lbsim compare --allow-import`, and the term `scenario` to `--policy`.
+6. A scenario has targets: some per zone, a `register` event, or a control plane that launches them.
+Invalid YAML is reported as `FILE:LINE:COL: ...`; every other problem as one line naming its field.
+"""
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
+import types
+from collections.abc import Callable, Hashable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
@@ -15,16 +37,85 @@ from lb.health import (
     AWS_DEFAULT_SUCCESS_CODES,
     AWS_DEFAULT_TIMEOUT_HTTP_S,
     AWS_DEFAULT_UNHEALTHY_THRESHOLD,
+    AWS_THRESHOLD_RANGE,
     aws_range_notes,
     parse_success_codes,
 )
+from lb.policies import POLICY_TYPES, PRESETS, BuiltinPolicy, PolicyError, make_policy, parse_policy_spec
+from lb.policy import Policy
 
 PathStateName = Literal["open", "blackhole", "refuse", "reset", "latency", "flap", "loss", "bandwidth"]
 BackendModeName = Literal["healthy", "unhealthy", "slow", "hang", "crash"]
 
+THRESHOLD_RANGE = (1, 10)
+# The error type of the checks that need the whole scenario; their message already says what was given.
+_RULE = "scenario_rule"
+
 
 class ScenarioError(ValueError):
     """A scenario that cannot be run, with a message meant for the person who wrote it."""
+
+
+# -- numbers and flags (rule 1) ----------------------------------------------------------------------------------
+
+_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def _numeric(what: str, example: str, bad: str) -> BeforeValidator:
+    """A check that lets only real numbers through to pydantic's own (which would parse strings and bools)."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, bool):
+            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, not true/false"})
+        if isinstance(v, str):
+            hint = ""
+            if _EXPONENT.fullmatch(v.strip()):
+                # PyYAML only reads exponents with a dot and a sign (1.0e+3) as numbers; 1e3 arrives as text.
+                hint = f" (YAML reads {v} as text: write {float(v):.10g} or 1.0e+3 style with a dot and a sign)"
+            elif v.strip() and _is_number(v):
+                hint = " (remove the quotes)"
+            msg = f"must be {what}, e.g. {example}; strings like {bad!r} are not accepted{hint}"
+            raise PydanticCustomError("number_type", "{m}", {"m": msg})
+        if isinstance(v, float) and not math.isfinite(v):
+            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, and finite"})
+        return v
+
+    return BeforeValidator(check)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _flag_check(v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise PydanticCustomError("bool_type", "{m}", {"m": "must be true or false"})
+    return v
+
+
+Seconds = Annotated[float, _numeric("a number of sim seconds", "10 or 0.5", "10s")]
+WholeSeconds = Annotated[int, _numeric("a whole number of sim seconds", "5", "5s")]
+PerSecond = Annotated[float, _numeric("a number per sim second", "20 or 0.5", "20/s")]
+Fraction = Annotated[float, _numeric("a fraction from 0 to 1", "0.4", "40%")]
+Number = Annotated[float, _numeric("a number", "2 or 0.5", "2x")]
+Speed = Annotated[float, _numeric("a number of sim seconds per wall second", "10", "10x")]
+Whole = Annotated[int, _numeric("a whole number", "3", "3")]
+Flag = Annotated[bool, BeforeValidator(_flag_check)]
+
+
+_THRESHOLD_SCHEMA: dict[str, Any] = {"minimum": THRESHOLD_RANGE[0], "maximum": THRESHOLD_RANGE[1]}
+
+
+def _threshold(v: int) -> int:
+    lo, hi = THRESHOLD_RANGE
+    if not lo <= v <= hi:
+        alo, ahi = AWS_THRESHOLD_RANGE
+        raise ValueError(f"must be from {lo} to {hi} (AWS allows {alo}-{ahi}; 1 is allowed here, with a note)")
+    return v
 
 
 class _Model(BaseModel):
@@ -34,13 +125,19 @@ class _Model(BaseModel):
 class HealthCheckSpec(_Model):
     protocol: Literal["http", "tcp"] = "http"
     path: str = "/health"
-    interval_s: Annotated[float, Field(gt=0)] = AWS_DEFAULT_INTERVAL_S
-    timeout_s: Annotated[float, Field(gt=0)] = AWS_DEFAULT_TIMEOUT_HTTP_S
-    healthy_threshold: Annotated[int, Field(ge=1, le=100)] = AWS_DEFAULT_HEALTHY_THRESHOLD
-    unhealthy_threshold: Annotated[int, Field(ge=1, le=100)] = AWS_DEFAULT_UNHEALTHY_THRESHOLD
+    interval_s: Annotated[Seconds, Field(gt=0)] = AWS_DEFAULT_INTERVAL_S
+    timeout_s: Annotated[Seconds, Field(gt=0)] = AWS_DEFAULT_TIMEOUT_HTTP_S
+    # The range is checked by `_thresholds`, for a message that mentions AWS's; it is declared for the JSON schema.
+    healthy_threshold: Annotated[Whole, Field(json_schema_extra=_THRESHOLD_SCHEMA)] = AWS_DEFAULT_HEALTHY_THRESHOLD
+    unhealthy_threshold: Annotated[Whole, Field(json_schema_extra=_THRESHOLD_SCHEMA)] = AWS_DEFAULT_UNHEALTHY_THRESHOLD
     success_codes: str = AWS_DEFAULT_SUCCESS_CODES
-    jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    quorum: Annotated[int, Field(ge=1)] | None = None
+    jitter: Annotated[Fraction, Field(ge=0, lt=1)] = 0.1
+    quorum: Annotated[Whole, Field(ge=1)] | None = None
+
+    @field_validator("healthy_threshold", "unhealthy_threshold")
+    @classmethod
+    def _thresholds(cls, v: int) -> int:
+        return _threshold(v)
 
     @field_validator("success_codes")
     @classmethod
@@ -67,34 +164,34 @@ class HealthCheckSpec(_Model):
 
 
 class CheckerSpec(_Model):
-    max_in_flight: Annotated[int, Field(ge=1)] = 1000
-    max_per_second: Annotated[float, Field(gt=0)] = 1000.0
-    transition_cost: Annotated[float, Field(ge=0)] = 0.0
+    max_in_flight: Annotated[Whole, Field(ge=1)] = 1000
+    max_per_second: Annotated[PerSecond, Field(gt=0)] = 1000.0
+    transition_cost: Annotated[Number, Field(ge=0)] = 0.0
 
 
 class LoadBalancerSpec(_Model):
-    cross_zone: bool = False
+    cross_zone: Flag = False
     selection: Literal["flow-hash", "round-robin"] = "flow-hash"
-    deregistration_delay_s: Annotated[float, Field(ge=0, le=3600)] = 300.0  # AWS default
-    terminate_unhealthy_connections: bool = True
-    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    deregistration_delay_s: Annotated[Seconds, Field(ge=0, le=3600)] = 300.0  # AWS default
+    terminate_unhealthy_connections: Flag = True
+    connect_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
 
 
 class TrafficSpec(_Model):
-    rate_per_s: Annotated[float, Field(ge=0, le=5000)] = 10.0  # requests per sim second
-    timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    rate_per_s: Annotated[PerSecond, Field(ge=0, le=5000)] = 10.0  # requests per sim second
+    timeout_s: Annotated[Seconds, Field(gt=0)] = 5.0
     path: str = "/work?bytes=256"
-    dns_ttl_s: Annotated[float, Field(ge=0)] = 60.0  # NLB's record TTL (research/aws-facts.md 4.3)
-    max_outstanding: Annotated[int, Field(ge=1, le=10000)] = 500
+    dns_ttl_s: Annotated[Seconds, Field(ge=0)] = 60.0  # NLB's record TTL (research/aws-facts.md 4.3)
+    max_outstanding: Annotated[Whole, Field(ge=1, le=10000)] = 500
 
 
 class PathChange(_Model):
     state: PathStateName
-    cut_existing: bool = False
-    latency_s: Annotated[float, Field(ge=0)] | None = None
-    jitter_s: Annotated[float, Field(ge=0)] | None = None
-    loss: Annotated[float, Field(ge=0, le=1)] | None = None
-    rate_bytes_per_s: Annotated[float, Field(gt=0)] | None = None
+    cut_existing: Flag = False
+    latency_s: Annotated[Seconds, Field(ge=0)] | None = None
+    jitter_s: Annotated[Seconds, Field(ge=0)] | None = None
+    loss: Annotated[Fraction, Field(ge=0, le=1)] | None = None
+    rate_bytes_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k not in ("state", "cut_existing") and v is not None}
@@ -102,11 +199,11 @@ class PathChange(_Model):
 
 class BackendChange(_Model):
     mode: BackendModeName
-    status: Annotated[int, Field(ge=200, le=599)] | None = None
-    latency_s: Annotated[float, Field(ge=0)] | None = None
-    error_rate: Annotated[float, Field(ge=0, le=1)] | None = None
-    capacity_per_s: Annotated[float, Field(gt=0)] | None = None
-    deep_ok: bool | None = None  # what /health/deep says of the backend's dependency
+    status: Annotated[Whole, Field(ge=200, le=599)] | None = None
+    latency_s: Annotated[Seconds, Field(ge=0)] | None = None
+    error_rate: Annotated[Fraction, Field(ge=0, le=1)] | None = None
+    capacity_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
+    deep_ok: Flag | None = None  # what /health/deep says of the backend's dependency
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k != "mode" and v is not None}
@@ -115,7 +212,7 @@ class BackendChange(_Model):
 class Register(_Model):
     """New targets joining the target group (they start in `initial`)."""
 
-    count: Annotated[int, Field(ge=1, le=1000)] = 1
+    count: Annotated[Whole, Field(ge=1, le=1000)] = 1
     path: PathChange | None = None
     backend: BackendChange | None = None
 
@@ -129,58 +226,58 @@ class PolicyParam(_Model):
 class DnsProtectionsSpec(_Model):
     """The three DNS-plan protections (research/aws-facts.md 3); all off reproduces the 2025-10-20 race."""
 
-    cas: bool = False
-    keep_active: bool = False
-    guard: bool = False
-    min_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    cas: Flag = False
+    keep_active: Flag = False
+    guard: Flag = False
+    min_fraction: Annotated[Fraction, Field(ge=0, le=1)] = 0.5
 
 
 class DnsSpec(_Model):
-    planner_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    planner_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
     enactors: list[str] | None = None  # default: one per zone, as AWS runs one per AZ
-    apply_time_s: Annotated[float, Field(ge=0)] = 0.5
-    retry_s: Annotated[float, Field(gt=0)] = 1.0
-    enactor_poll_s: Annotated[float, Field(gt=0)] = 1.0
-    keep_generations: Annotated[int, Field(ge=0, le=1000)] = 3
-    ttl_s: Annotated[int, Field(ge=0, le=86400)] = 5  # of the lease store's record; sim seconds
+    apply_time_s: Annotated[Seconds, Field(ge=0)] = 0.5
+    retry_s: Annotated[Seconds, Field(gt=0)] = 1.0
+    enactor_poll_s: Annotated[Seconds, Field(gt=0)] = 1.0
+    keep_generations: Annotated[Whole, Field(ge=0, le=1000)] = 3
+    ttl_s: Annotated[WholeSeconds, Field(ge=0, le=86400)] = 5  # of the lease store's record; sim seconds
     protections: DnsProtectionsSpec = DnsProtectionsSpec()
 
 
 class LeaseStoreSpec(_Model):
-    capacity_per_s: Annotated[float, Field(gt=0)] = 200.0
-    base_latency_s: Annotated[float, Field(ge=0)] = 0.005
-    load_latency_factor: Annotated[float, Field(ge=0)] = 4.0
+    capacity_per_s: Annotated[PerSecond, Field(gt=0)] = 200.0
+    base_latency_s: Annotated[Seconds, Field(ge=0)] = 0.005
+    load_latency_factor: Annotated[Number, Field(ge=0)] = 4.0
 
 
 class HostManagerSpec(_Model):
-    hosts: Annotated[int, Field(ge=1, le=5000)] = 60
-    lease_ttl_s: Annotated[float, Field(gt=0)] = 300.0
-    renew_interval_s: Annotated[float, Field(gt=0)] = 60.0
-    ttl_spread: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    renew_concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
-    workers: Annotated[int, Field(ge=1, le=1000)] = 4
-    item_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    base_service_s: Annotated[float, Field(ge=0)] = 1.0
-    per_depth_s: Annotated[float, Field(ge=0)] = 0.5
-    max_depth: Annotated[int, Field(ge=1)] | None = None
-    throttle_per_s: Annotated[float, Field(gt=0)] | None = None
-    retry_s: Annotated[float, Field(gt=0)] = 5.0
-    slots_per_host: Annotated[int, Field(ge=1, le=1000)] = 4
+    hosts: Annotated[Whole, Field(ge=1, le=5000)] = 60
+    lease_ttl_s: Annotated[Seconds, Field(gt=0)] = 300.0
+    renew_interval_s: Annotated[Seconds, Field(gt=0)] = 60.0
+    ttl_spread: Annotated[Fraction, Field(ge=0, lt=1)] = 0.5
+    renew_concurrency: Annotated[Whole, Field(ge=1, le=1000)] = 16
+    workers: Annotated[Whole, Field(ge=1, le=1000)] = 4
+    item_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
+    base_service_s: Annotated[Seconds, Field(ge=0)] = 1.0
+    per_depth_s: Annotated[Seconds, Field(ge=0)] = 0.5
+    max_depth: Annotated[Whole, Field(ge=1)] | None = None
+    throttle_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
+    retry_s: Annotated[Seconds, Field(gt=0)] = 5.0
+    slots_per_host: Annotated[Whole, Field(ge=1, le=1000)] = 4
 
 
 class NetworkManagerSpec(_Model):
-    rate_per_s: Annotated[float, Field(gt=0)] = 2.0
-    max_depth: Annotated[int, Field(ge=1)] | None = None
-    partial_s: Annotated[float, Field(ge=0)] = 0.0
-    partial_loss: Annotated[float, Field(ge=0, le=1)] = 0.4
+    rate_per_s: Annotated[PerSecond, Field(gt=0)] = 2.0
+    max_depth: Annotated[Whole, Field(ge=1)] | None = None
+    partial_s: Annotated[Seconds, Field(ge=0)] = 0.0
+    partial_loss: Annotated[Fraction, Field(ge=0, le=1)] = 0.4
 
 
 class InstancesSpec(_Model):
-    launch_time_s: Annotated[float, Field(ge=0)] = 2.0
-    launch_rate_per_s: Annotated[float, Field(gt=0)] | None = None
-    autoscale_interval_s: Annotated[float, Field(gt=0)] = 5.0
-    max_launch_per_tick: Annotated[int, Field(ge=0, le=1000)] = 5
-    desired_per_zone: Annotated[int, Field(ge=0, le=500)] | None = None  # default: targets_per_zone
+    launch_time_s: Annotated[Seconds, Field(ge=0)] = 2.0
+    launch_rate_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
+    autoscale_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
+    max_launch_per_tick: Annotated[Whole, Field(ge=0, le=1000)] = 5
+    desired_per_zone: Annotated[Whole, Field(ge=0, le=500)] | None = None  # default: targets_per_zone
 
 
 class ControlPlaneSpec(_Model):
@@ -224,26 +321,32 @@ CONTROL_ACTIONS: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {
 }
 
 
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
 class ControlAction(_Model):
     """An operator or fault action on one control-plane component (see CONTROL_ACTIONS for what each takes)."""
 
     component: ComponentName
     action: str
     enactor: str | None = None
-    delay_s: Annotated[float, Field(ge=0)] | None = None
-    writes: Annotated[int, Field(ge=1)] | None = None
-    count: Annotated[int, Field(ge=0, le=10000)] | None = None
+    delay_s: Annotated[Seconds, Field(ge=0)] | None = None
+    writes: Annotated[Whole, Field(ge=1)] | None = None
+    count: Annotated[Whole, Field(ge=0, le=10000)] | None = None
     zone: str | None = None
-    per_s: Annotated[float, Field(gt=0)] | None = None
-    rate_per_s: Annotated[float, Field(gt=0)] | None = None
-    capacity_per_s: Annotated[float, Field(gt=0)] | None = None
-    max_depth: Annotated[int, Field(ge=1)] | None = None
+    per_s: Annotated[PerSecond, Field(gt=0)] | None = None
+    rate_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
+    capacity_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
+    max_depth: Annotated[Whole, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _params_fit(self) -> ControlAction:
         actions = CONTROL_ACTIONS[self.component]
         if self.action not in actions:
-            raise ValueError(f"action {self.action!r} of component {self.component!r} must be one of {sorted(actions)}")
+            raise ValueError(f"action {self.action!r} of component {self.component!r} must be one of {sorted(actions)}"
+                             + _did_you_mean(self.action, sorted(actions)))
         required, optional = actions[self.action]
         given = set(self.model_fields_set) - {"component", "action"}
         missing = sorted(required - given)
@@ -261,30 +364,38 @@ class ControlAction(_Model):
         return {k: getattr(self, k) for k in sorted(self.model_fields_set - {"component", "action"})}
 
 
+class CheckerChange(_Model):
+    """An operator change to the health-check subsystem, from now on."""
+
+    transition_cost: Annotated[Number, Field(ge=0)]
+
+
 class Event(_Model):
     """One timeline entry: at `at` sim seconds, do exactly one action to the selected targets."""
 
-    at: Annotated[float, Field(ge=0)]
+    at: Annotated[Seconds, Field(ge=0)]
     zone: str | None = None
-    targets: list[str] | None = None
-    count: Annotated[int, Field(ge=1)] | None = None  # the first N targets of the selection
+    targets: Annotated[list[str], Field(min_length=1)] | None = None
+    count: Annotated[Whole, Field(ge=1)] | None = None  # the first N targets of the selection
     path: PathChange | None = None
     backend: BackendChange | None = None
     register_: Register | None = Field(None, alias="register")  # `register` would shadow BaseModel's
-    deregister: bool = False
+    deregister: Flag = False
     set_policy: PolicyParam | None = None
     control: ControlAction | None = None
+    checker: CheckerChange | None = None
     note: str = ""
 
     @model_validator(mode="after")
     def _one_action(self) -> Event:
-        kinds = ("path", "backend", "register_", "set_policy", "control")
+        kinds = ("path", "backend", "register_", "set_policy", "control", "checker")
         actions = [n.rstrip("_") for n in kinds if getattr(self, n) is not None]
         if self.deregister:
             actions.append("deregister")
         if len(actions) != 1:
             raise ValueError(
-                "each event needs exactly one action of: path, backend, register, deregister, set_policy, control "
+                "each event needs exactly one action of: path, backend, register, deregister, set_policy, control, "
+                "checker "
                 f"(got {', '.join(actions) or 'none'})"
             )
         if self.register_ is not None and self.zone is None:
@@ -293,7 +404,7 @@ class Event(_Model):
 
     @property
     def action(self) -> str:
-        for n in ("path", "backend", "register_", "set_policy"):
+        for n in ("path", "backend", "register_", "set_policy", "checker"):
             if getattr(self, n) is not None:
                 return n.rstrip("_")
         if self.control is not None:
@@ -301,28 +412,167 @@ class Event(_Model):
         return "deregister"
 
 
+def _policy_entry(v: Any) -> Any:
+    # Checked here rather than by a `str | dict` union, whose failure is one line per branch.
+    if not isinstance(v, str | dict):
+        msg = "must be a policy spec like 'fail-open+dns-failover' or a mapping like {name: velocity, window_s: 60}"
+        raise PydanticCustomError("policy_type", "{m}", {"m": msg})
+    return v
+
+
 PolicyEntry = str | dict[str, Any]
+
+# The term `ScenarioRun` replaces by a scenario's own policy list (scenarios.runner.SCENARIO_POLICY).
+_SCENARIO_TERM = "scenario"
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _builtin_policy(name: str) -> type[BuiltinPolicy] | None:
+    """The built-in policy class called `name`; None for unknown names and for classes registered by users."""
+    cls = POLICY_TYPES.get(name)
+    if isinstance(cls, type) and issubclass(cls, BuiltinPolicy) and cls.__module__ == BuiltinPolicy.__module__:
+        return cls
+    return None
+
+
+def _builtin_names() -> str:
+    names = sorted(n for n in POLICY_TYPES if _builtin_policy(n) is not None)
+    return f"built-in policies: {', '.join(names)}; presets: {', '.join(sorted(PRESETS))}"
+
+
+def _spec_terms(spec: str) -> list[str]:
+    """The policy names of a spec's `+`-joined terms (parameters, in parentheses or brackets, left out)."""
+    names, depth, current = [], 0, ""
+    for ch in spec:
+        depth += ch in "(["
+        depth -= ch in ")]"
+        if ch == "+" and depth == 0:
+            names.append(current)
+            current = ""
+        else:
+            current += ch
+    names.append(current)
+    return [n.partition("(")[0].strip() for n in names]
+
+
+def build_scenario_policies(entry: Any) -> list[Policy]:
+    """The policies one `policy:` entry of a scenario file stands for; PolicyError says what is not allowed."""
+    if isinstance(entry, str):
+        names = _spec_terms(entry)
+    elif isinstance(entry, dict):
+        name = entry.get("name")
+        if not isinstance(name, str):
+            raise PolicyError(f"a policy given as a mapping needs a `name`; {_builtin_names()}")
+        names = [name.strip()]
+    else:
+        raise PolicyError(f"must be a spec string or a mapping with a `name`; {_builtin_names()}")
+    for name in names:
+        if name == _SCENARIO_TERM:
+            raise PolicyError(f"the term {_SCENARIO_TERM!r} stands for a scenario's own policies and is only for "
+                              f"`--policy` on the command line; here name the policies: {_builtin_names()}")
+        if _IMPORT_PATH.match(name):
+            raise PolicyError(f"{name!r} is a Python import path; a scenario file may only name built-in policies "
+                              f"and presets ({_builtin_names()}). To try your own class, use `lbsim compare SCENARIO "
+                              f"--allow-import --policy {name}`")
+    if isinstance(entry, str):
+        policies = parse_policy_spec(entry)
+    else:
+        params = {k: v for k, v in entry.items() if k != "name"}
+        policies = [make_policy(names[0], params)]
+    for p in policies:
+        if _builtin_policy(p.name) is not type(p):
+            raise PolicyError(f"{p.name!r} is not a built-in policy; a scenario file may only name "
+                              f"{_builtin_names()}")
+    return policies
+
+
+# -- target selections (rule 4) ----------------------------------------------------------------------------------
+
+_TARGET_ID = re.compile(r"^(?P<zone>.+)-(?P<instance>i?)(?P<n>\d+)$")
+
+
+def target_zone(target: str) -> str | None:
+    """The zone in a target id (`a-3` and the control plane's instance `a-i3` are in zone `a`)."""
+    m = _TARGET_ID.match(target)
+    return m.group("zone") if m else None
+
+
+def _selected(ev: Event) -> set[str] | None:
+    """The target ids an event lists (narrowed to its zone, as the runner does); None if it selects by zone."""
+    if ev.targets is None:
+        return None
+    return {t for t in ev.targets if ev.zone is None or target_zone(t) == ev.zone}
+
+
+def selections_overlap(a: Event, b: Event) -> bool:
+    """Whether two events may act on a common target. `count` is ignored: which N targets it picks depends on
+    the run, so two counted selections of one zone are taken to overlap."""
+    sa, sb = _selected(a), _selected(b)
+    if sa is not None and sb is not None:
+        return bool(sa & sb)
+    if sa is not None or sb is not None:
+        listed, other = (sa, b) if sa is not None else (sb, a)
+        assert listed is not None
+        return other.zone is None or any(target_zone(t) == other.zone for t in listed)
+    return a.zone is None or b.zone is None or a.zone == b.zone
+
+
+def _describe_selection(ev: Event) -> str:
+    if ev.targets is not None:
+        return f"targets {ev.targets}"
+    return f"zone {ev.zone}" if ev.zone is not None else "every target"
+
+
+def event_conflict(a: Event, b: Event) -> str | None:
+    """Why two events at the same `at` cannot both be applied in either order (with what to do instead), or
+    None if they can. `register` never conflicts: new targets are not in any other event's selection."""
+    if a.at != b.at:
+        return None
+    disjoint = "give them different `at` or disjoint selections"
+    selections = f"({_describe_selection(a)}; {_describe_selection(b)})"
+    for kind in ("path", "backend"):
+        if getattr(a, kind) is not None and getattr(b, kind) is not None and selections_overlap(a, b):
+            return f"both change `{kind}` of overlapping selections {selections}; {disjoint}"
+    if a.deregister and b.deregister and selections_overlap(a, b):
+        return f"both deregister overlapping selections {selections}; {disjoint}"
+    one = "only one can take effect: keep one, or give them different `at`"
+    if a.control is not None and b.control is not None:
+        ca, cb = a.control, b.control
+        # The same action for different enactors or zones is two actions (delay enactors a and b at once).
+        if (ca.component, ca.action) == (cb.component, cb.action) \
+                and not (ca.enactor is not None and cb.enactor is not None and ca.enactor != cb.enactor) \
+                and not (ca.zone is not None and cb.zone is not None and ca.zone != cb.zone):
+            return f"both do `{ca.component} {ca.action}`; {one}"
+    if a.checker is not None and b.checker is not None:
+        return f"both change the checker; {one}"
+    if a.set_policy is not None and b.set_policy is not None:
+        pa, pb = a.set_policy, b.set_policy
+        if (pa.policy, pa.param) == (pb.policy, pb.param):
+            return f"both set `{pa.policy}.{pa.param}`; {one}"
+    return None
 
 
 class Scenario(_Model):
     name: str
     description: str = ""
-    seed: int = 1
-    speed: Annotated[float, Field(gt=0, le=1000)] = 10.0
-    duration_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 300.0
+    # The policies this scenario's author expects to do best (specs, as for --policy), for `lbsim scenarios`.
+    should_win: list[str] = []
+    seed: Whole = 1
+    speed: Annotated[Speed, Field(gt=0, le=1000)] = 10.0
+    duration_s: Annotated[Seconds, Field(gt=0, le=7 * 24 * 3600)] = 300.0
     zones: Annotated[list[str], Field(min_length=1, max_length=6)] = ["a", "b", "c"]
-    targets_per_zone: Annotated[int, Field(ge=0, le=500)] = 3
-    start_in_service: bool = True  # the fleet was healthy before the run began; False simulates a cold start
+    targets_per_zone: Annotated[Whole, Field(ge=0, le=500)] = 3
+    start_in_service: Flag = True  # the fleet was healthy before the run began; False simulates a cold start
     # Requests per sim second each target serves before answering 503 (None: unlimited). With it, the capacity
     # left after a DNS failover can fail to carry the load, as applications saw on 2025-10-20.
-    backend_capacity_per_s: Annotated[float, Field(gt=0)] | None = None
+    backend_capacity_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
     health_check: HealthCheckSpec = HealthCheckSpec()
     checker: CheckerSpec = CheckerSpec()
     load_balancer: LoadBalancerSpec = LoadBalancerSpec()
-    policy: list[PolicyEntry] = ["aws"]
+    policy: list[Annotated[PolicyEntry, BeforeValidator(_policy_entry)]] = ["aws"]
     traffic: TrafficSpec = TrafficSpec()
-    sample_interval_s: Annotated[float, Field(gt=0)] = 1.0
-    record_interval_s: Annotated[float, Field(gt=0)] = 10.0  # how often the recorder scrapes /metrics
+    sample_interval_s: Annotated[Seconds, Field(gt=0)] = 1.0
+    record_interval_s: Annotated[Seconds, Field(gt=0)] = 10.0  # how often the recorder scrapes /metrics
     control_plane: ControlPlaneSpec | None = None
     timeline: list[Event] = []
 
@@ -337,32 +587,121 @@ class Scenario(_Model):
         return v
 
     @model_validator(mode="after")
-    def _timeline_fits(self) -> Scenario:
+    def _whole_scenario(self) -> Scenario:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        policies = self._check_policies(problems)
         for i, ev in enumerate(self.timeline):
-            if ev.at > self.duration_s:
-                raise ValueError(f"timeline[{i}].at = {ev.at:g} is after duration_s = {self.duration_s:g}")
-            if ev.zone is not None and ev.zone not in self.zones:
-                raise ValueError(f"timeline[{i}].zone = {ev.zone!r} is not one of the zones {self.zones}")
-            if ev.control is not None:
-                self._check_control(i, ev.control)
+            self._check_event(i, ev, problems)
+        self._check_set_policy(policies, problems)
+        for j, b in enumerate(self.timeline):
+            for i, a in enumerate(self.timeline[:j]):
+                why = event_conflict(a, b)
+                if why is not None:
+                    problems.append((("timeline", j), f"timeline[{i}] and timeline[{j}] happen at {a.at:g} and {why}"))
         if self.control_plane is not None and self.control_plane.dns.enactors is not None:
             names = self.control_plane.dns.enactors
             if not names or len(set(names)) != len(names):
-                raise ValueError("control_plane.dns.enactors must be a non-empty list of unique names")
+                problems.append((("control_plane", "dns", "enactors"), "must be a non-empty list of unique names"))
+        if self.targets_per_zone == 0 and self.control_plane is None \
+                and not any(ev.register_ is not None for ev in self.timeline):
+            problems.append((("targets_per_zone",), "the scenario has no targets: targets_per_zone is 0, no timeline "
+                                                   "event registers any and there is no control_plane to launch "
+                                                   "them; set targets_per_zone to 1-500 or add a `register` event"))
+        if problems:
+            # In the order of the file's fields, then of the timeline, rather than in the order of the checks.
+            fields = list(type(self).model_fields)
+            problems.sort(key=lambda p: (fields.index(str(p[0][0])), p[0][1] if len(p[0]) > 1 else -1))
+            raise ValidationError.from_exception_data(
+                "Scenario",
+                [InitErrorDetails(type=PydanticCustomError(_RULE, "{m}", {"m": msg}), loc=loc, input=None)
+                 for loc, msg in problems],
+            )
         return self
 
     def enactor_names(self) -> list[str]:
         cp = self.control_plane
         return list(cp.dns.enactors) if cp is not None and cp.dns.enactors is not None else list(self.zones)
 
-    def _check_control(self, i: int, c: ControlAction) -> None:
-        where = f"timeline[{i}].control"
-        if self.control_plane is None:
-            raise ValueError(f"{where}: acts on the control plane, but the scenario has no `control_plane` section")
-        if c.enactor is not None and c.enactor not in self.enactor_names():
-            raise ValueError(f"{where}.enactor = {c.enactor!r} is not one of the enactors {self.enactor_names()}")
-        if c.zone is not None and c.zone not in self.zones:
-            raise ValueError(f"{where}.zone = {c.zone!r} is not one of the zones {self.zones}")
+    def _check_policies(self, problems: list[tuple[tuple[str | int, ...], str]]) -> list[Policy]:
+        out: list[Policy] = []
+        for i, entry in enumerate(self.policy):
+            try:
+                out.extend(build_scenario_policies(entry))
+            except PolicyError as e:
+                problems.append((("policy", i), str(e)))
+        return out
+
+    def _check_event(self, i: int, ev: Event, problems: list[tuple[tuple[str | int, ...], str]]) -> None:
+        where: tuple[str | int, ...] = ("timeline", i)
+        if ev.at > self.duration_s:
+            problems.append(((*where, "at"), f"{ev.at:g} is after duration_s = {self.duration_s:g}; events happen "
+                                             f"from 0 to duration_s"))
+        if ev.zone is not None and ev.zone not in self.zones:
+            problems.append(((*where, "zone"), f"{ev.zone!r} is not one of the zones {self.zones}"
+                                               + _did_you_mean(ev.zone, self.zones)))
+        if ev.targets is not None:
+            form = "<zone>-<n>" + (" or <zone>-i<n> (an instance)" if self.control_plane is not None else "")
+            bad = [t for t in ev.targets if not self._known_form(t)]
+            if bad:
+                problems.append(((*where, "targets"), f"{bad} are not target ids of this scenario: ids look like "
+                                                      f"{form} with a zone of {self.zones}, e.g. {self.zones[0]}-0"))
+            elif ev.zone is not None:
+                elsewhere = [t for t in ev.targets if target_zone(t) != ev.zone]
+                if elsewhere:
+                    problems.append(((*where, "targets"), f"{elsewhere} are not in zone {ev.zone!r}, so the event "
+                                                          "would not select them; list targets of that zone or "
+                                                          "leave out `zone`"))
+        c = ev.control
+        if c is not None:
+            if self.control_plane is None:
+                problems.append(((*where, "control"), "acts on the control plane, but the scenario has no "
+                                                      "`control_plane` section"))
+            if c.enactor is not None and c.enactor not in self.enactor_names():
+                problems.append(((*where, "control", "enactor"),
+                                 f"{c.enactor!r} is not one of the enactors {self.enactor_names()}"))
+            if c.zone is not None and c.zone not in self.zones:
+                problems.append(((*where, "control", "zone"), f"{c.zone!r} is not one of the zones {self.zones}"))
+
+    def _known_form(self, target: str) -> bool:
+        m = _TARGET_ID.match(target)
+        if m is None or m.group("zone") not in self.zones:
+            return False
+        return not m.group("instance") or self.control_plane is not None
+
+    def _check_set_policy(self, policies: list[Policy], problems: list[tuple[tuple[str | int, ...], str]]) -> None:
+        """Check each `set_policy` of a built-in policy as the run will apply it: on this scenario's own policies
+        (or a default one, if it has none by that name), in timeline order. Names that are not built-in are left
+        to the run, which may have the user's policy of that name."""
+        defaults: dict[str, BuiltinPolicy] = {}
+        order = sorted(range(len(self.timeline)), key=lambda k: self.timeline[k].at)
+        for i in order:
+            sp = self.timeline[i].set_policy
+            if sp is None:
+                continue
+            where: tuple[str | int, ...] = ("timeline", i, "set_policy")
+            if sp.policy in PRESETS:
+                problems.append(((*where, "policy"), f"{sp.policy!r} is a preset; name one of its policies: "
+                                                     f"{PRESETS[sp.policy].replace('+', ', ')}"))
+                continue
+            cls = _builtin_policy(sp.policy)
+            if cls is None:
+                continue
+            if sp.param not in cls.param_names():
+                problems.append(((*where, "param"), f"policy {sp.policy!r} has no parameter {sp.param!r}; allowed: "
+                                                    f"{', '.join(cls.param_names()) or 'none'}"
+                                                    + _did_you_mean(sp.param, cls.param_names())))
+                continue
+            targets = [p for p in policies if p.name == sp.policy and isinstance(p, BuiltinPolicy)]
+            if not targets:
+                targets = [defaults.setdefault(sp.policy, cls())]
+            try:
+                for p in targets:
+                    p.set_param(sp.param, sp.value)
+            except PolicyError as e:
+                problems.append(((*where, "value"), str(e)))
+
+
+# -- loading and messages ------------------------------------------------------------------------------------------
 
 
 def builtin_names() -> list[str]:
@@ -370,20 +709,83 @@ def builtin_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in lib.iterdir() if p.name.endswith(".yaml"))
 
 
+def _all_models() -> dict[str, type[BaseModel]]:
+    out: dict[str, type[BaseModel]] = {}
+    todo: list[type[BaseModel]] = [_Model]
+    while todo:
+        cls = todo.pop()
+        out[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, looking through `X | None`, `list[X]` and `Annotated`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType, list, Annotated):
+        for arg in get_args(annotation):
+            found = _submodel(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _field_names_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The names a user may write at `loc` (a field's parent), as spelled in files: aliases, not Python names."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        by_key = {f.alias or n: f for n, f in model.model_fields.items()} | model.model_fields
+        field = by_key.get(part)
+        model = _submodel(field.annotation) if field is not None else None
+    if model is None:
+        return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+_PLAIN = {
+    "model_type": "must be a mapping of fields, e.g. {field: value}",
+    "dict_type": "must be a mapping, e.g. {name: velocity}",
+    "list_type": "must be a list, e.g. [a, b]",
+    "string_type": "must be text",
+    "int_from_float": "must be a whole number",
+}
+
+
+def _short(value: Any) -> str:
+    # As YAML spells them, since that is what the user wrote.
+    text = {True: "true", False: "false"}.get(value, repr(value)) if isinstance(value, bool) else repr(value)
+    if value is None:
+        text = "null"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _format_validation(source: str, err: ValidationError) -> str:
+    """One line per problem: the field's dotted path, what is wrong and what is allowed, and what was given."""
+    root = _all_models().get(err.title, Scenario)
     lines = [f"{source}: invalid scenario"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
-            msg = f"must be one of {e['ctx']['expected']}"
-        elif e["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
+        msg = e["msg"].removeprefix("Value error, ").replace("Input should be", "must be", 1)
         got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            names = _field_names_at(root, e["loc"][:-1])
+            hint = _did_you_mean(str(e["loc"][-1]), names)
+            msg = "unknown field" + (hint or (f"; allowed here: {', '.join(names)}" if names else ""))
+        elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+            expected = e["ctx"]["expected"]
+            msg = f"must be one of {expected}"
+            if isinstance(got, str):
+                msg += _did_you_mean(got, re.findall(r"'([^']*)'", expected))
+        elif e["type"] in _PLAIN:
+            msg = _PLAIN[e["type"]]
         # A whole mapping as "got" buries the message; the message names what is wrong in it instead.
-        lines.append(f"  {loc}: {msg}" if isinstance(got, dict | list) else f"  {loc}: {msg} (got {got!r})")
+        if e["type"] == _RULE or isinstance(got, dict | list):
+            lines.append(f"  {loc}: {msg}")
+        else:
+            lines.append(f"  {loc}: {msg} (got {_short(got)})")
     return "\n".join(lines)
 
 
@@ -394,6 +796,50 @@ def parse_scenario(data: Any, source: str) -> Scenario:
         return Scenario.model_validate(data)
     except ValidationError as e:
         raise ScenarioError(_format_validation(source, e)) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                first = seen[key]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first at line {first.line + 1}, column "
+                                f"{first.column + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+
+def _yaml_error(source: str, e: yaml.YAMLError) -> str:
+    """`FILE:LINE:COL: not valid YAML: problem (context)`, on one line; lines and columns count from 1."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        msg = f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {e.problem}"
+        if e.context:
+            cm = e.context_mark
+            at = f" at line {cm.line + 1}, column {cm.column + 1}" if cm is not None and cm != mark else ""
+            msg += f" ({e.context}{at})"
+        if e.problem and "'\\t'" in e.problem:
+            msg += "; YAML indents with spaces, not tabs"
+        elif e.problem == "mapping values are not allowed here":
+            msg += "; check the indentation of this line and the one before, or quote a value that holds ': '"
+        return msg
+    return f"{source}: not valid YAML: {' '.join(str(e).split())}"
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The data in a YAML document; ScenarioError with file, line and column if it is not valid YAML."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds only plain data
+    except yaml.YAMLError as e:
+        raise ScenarioError(_yaml_error(source, e)) from None
 
 
 def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
@@ -408,7 +854,7 @@ def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ScenarioError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+            raise ScenarioError(f"--set {item!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             break  # parse_scenario reports what is wrong with the file itself
         node = data
@@ -423,6 +869,15 @@ def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
     return data
 
 
+def _read(path: Path, read: Callable[[], str]) -> str:
+    try:
+        return read()
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{path}: not a text file (UTF-8 expected; byte {e.start} is not)") from None
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot be read: {e.strerror or e}") from None
+
+
 def load_scenario(name_or_path: str, overrides: list[str] | None = None) -> tuple[Scenario, str]:
     """Load a built-in scenario by name or a YAML file by path, with `--set` overrides applied; return it with
     the source it came from."""
@@ -431,7 +886,7 @@ def load_scenario(name_or_path: str, overrides: list[str] | None = None) -> tupl
         if not path.is_file():
             raise ScenarioError(f"{name_or_path}: no such scenario file")
         source = str(path)
-        text = path.read_text()
+        text = _read(path, lambda: path.read_text(encoding="utf-8"))
     else:
         names = builtin_names()
         if name_or_path not in names:
@@ -439,11 +894,8 @@ def load_scenario(name_or_path: str, overrides: list[str] | None = None) -> tupl
                 f"{name_or_path!r} is neither a scenario file nor a built-in scenario (built-ins: {', '.join(names)})"
             )
         source = f"built-in:{name_or_path}"
-        text = resources.files("scenarios.library").joinpath(f"{name_or_path}.yaml").read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ScenarioError(f"{source}: not valid YAML: {e}") from None
+        text = resources.files("scenarios.library").joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8")
+    data = parse_yaml(text, source)
     if overrides:
         data = apply_overrides(data, overrides, source)
         source += " with --set " + " ".join(overrides)

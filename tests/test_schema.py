@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from scenarios.schema import ScenarioError, builtin_names, load_scenario
+from scenarios.schema import (
+    Event,
+    ScenarioError,
+    builtin_names,
+    event_conflict,
+    load_scenario,
+    parse_scenario,
+    selections_overlap,
+)
+
+SECONDS = "a number of sim seconds, e.g. 10 or 0.5; strings like '10s' are not accepted"
+CP = "control_plane: {}\n"
 
 
 def test_builtins_load() -> None:
@@ -32,8 +46,8 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\nspeeed: 3\n", "speeed", "unknown field"),
         ("name: x\ntimeline: [{at: 5, path: {state: melt}}]\n", "timeline.0.path.state", "'blackhole'"),
         ("name: x\ntimeline: [{at: 5}]\n", "timeline.0", "exactly one action"),
-        ("name: x\nduration_s: 10\ntimeline: [{at: 50, zone: a, path: {state: open}}]\n", "(top level)",
-         "after duration_s"),
+        ("name: x\nduration_s: 10\ntimeline: [{at: 50, zone: a, path: {state: open}}]\n", "timeline.0.at",
+         "after duration_s = 10"),
         ("name: x\nzones: [a, a]\n", "zones", "unique"),
         ("name: x\nhealth_check: {success_codes: 2xx}\n", "health_check.success_codes", "integers or ranges"),
         ("name: x\ntimeline: [{at: 1, register: {count: 2}}]\n", "timeline.0", "needs `zone`"),
@@ -52,9 +66,84 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: restore, count: 3}}]\n",
          "timeline.0.control", "takes no parameters, not count"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: delay-enactor, "
-         "enactor: z, delay_s: 9}}]\n", "(top level)", "not one of the enactors ['a', 'b', 'c']"),
-        ("name: x\ntimeline: [{at: 1, control: {component: dns, action: restore}}]\n", "(top level)",
+         "enactor: z, delay_s: 9}}]\n", "timeline.0.control.enactor", "not one of the enactors ['a', 'b', 'c']"),
+        ("name: x\ntimeline: [{at: 1, control: {component: dns, action: restore}}]\n", "timeline.0.control",
          "no `control_plane` section"),
+        # one duration syntax: numbers of sim seconds; strings and booleans are rejected where numbers go
+        ("name: x\nduration_s: 10s\n", "duration_s", SECONDS),
+        ("name: x\nhealth_check: {interval_s: '10'}\n", "health_check.interval_s", SECONDS),
+        ("name: x\ntimeline: [{at: 10 ms, zone: a, path: {state: open}}]\n", "timeline.0.at", SECONDS),
+        ("name: x\ntraffic: {timeout_s: true}\n", "traffic.timeout_s", "a number of sim seconds, e.g. 10 or 0.5, not "
+         "true/false"),
+        ("name: x\ntargets_per_zone: '3'\n", "targets_per_zone", "a whole number"),
+        ("name: x\ntraffic: {rate_per_s: 20/s}\n", "traffic.rate_per_s", "a number per sim second"),
+        ("name: x\nduration_s: 1e3\n", "duration_s", "YAML reads 1e3 as text: write 1000"),
+        ("name: x\ntimeline: [{at: 1, zone: a, path: {state: latency, latency_s: .inf}}]\n",
+         "timeline.0.path.latency_s", "and finite"),
+        ("name: x\nload_balancer: {cross_zone: 1}\n", "load_balancer.cross_zone", "true or false"),
+        # out of range
+        ("name: x\nhealth_check: {healthy_threshold: 11}\n", "health_check.healthy_threshold", "from 1 to 10"),
+        ("name: x\nhealth_check: {unhealthy_threshold: 0}\n", "health_check.unhealthy_threshold", "AWS allows 2-10"),
+        ("name: x\nsample_interval_s: 0\n", "sample_interval_s", "greater than 0"),
+        ("name: x\nhealth_check: {interval_s: -5}\n", "health_check.interval_s", "greater than 0"),
+        ("name: x\ntimeline: [{at: 1, zone: a, path: {state: loss, loss: 1.5}}]\n", "timeline.0.path.loss",
+         "less than or equal to 1"),
+        ("name: x\ntimeline: [{at: 1, zone: a, backend: {mode: unhealthy, error_rate: -0.1}}]\n",
+         "timeline.0.backend.error_rate", "greater than or equal to 0"),
+        # unknown fields and values, with a suggestion
+        ("name: x\nhealth_check: {intervall_s: 3}\n", "health_check.intervall_s", "did you mean `interval_s`?"),
+        ("name: x\ntimeline: [{at: 1, zone: a, regster: {count: 1}}]\n", "timeline.0.regster",
+         "did you mean `register`?"),
+        ("name: x\ntraffic: {qqq: 1}\n", "traffic.qqq", "allowed here: rate_per_s, timeout_s"),
+        ("name: x\ntimeline: [{at: 1, zone: a, path: {state: blackhol}}]\n", "timeline.0.path.state",
+         "did you mean `blackhole`?"),
+        # events at the same time in conflict
+        ("name: x\ntimeline: [{at: 5, zone: a, path: {state: blackhole}}, {at: 5, path: {state: open}}]\n",
+         "timeline.1", "timeline[0] and timeline[1] happen at 5 and both change `path`"),
+        ("name: x\ntimeline: [{at: 5, targets: [a-0, b-1], backend: {mode: hang}}, {at: 6, zone: b, deregister: "
+         "true}, {at: 5, targets: [b-1], backend: {mode: crash}}]\n", "timeline.2",
+         "timeline[0] and timeline[2] happen at 5 and both change `backend`"),
+        ("name: x\ntimeline: [{at: 5, zone: c, deregister: true}, {at: 5, targets: [c-2], deregister: true}]\n",
+         "timeline.1", "both deregister"),
+        ("name: x\n" + CP + "timeline: [{at: 9, control: {component: host_manager, action: throttle, per_s: 2}}, "
+         "{at: 9, control: {component: host_manager, action: throttle, per_s: 3}}]\n", "timeline.1",
+         "timeline[0] and timeline[1] happen at 9 and both do `host_manager throttle`"),
+        ("name: x\ntimeline: [{at: 3, set_policy: {policy: dns-failover, param: enabled, value: false}}, "
+         "{at: 3, set_policy: {policy: dns-failover, param: enabled, value: true}}]\n", "timeline.1",
+         "both set `dns-failover.enabled`"),
+        # policies: built-in names and parameters only, checked on load
+        ("name: x\npolicy: [fail-open, bogus]\n", "policy.1", "unknown policy 'bogus'; policies: dns-failover"),
+        ("name: x\npolicy: ['velocity(windo_s=60)']\n", "policy.0", "allowed: max_removed_percent, window_s"),
+        ("name: x\npolicy: [{name: min-healthy, min_pct: 50}]\n", "policy.0", "allowed: min_count, min_percent"),
+        ("name: x\npolicy: [{name: panic, threshold_percent: 150}]\n", "policy.0", "between 0 and 100"),
+        ("name: x\npolicy: ['my.policies:Mine']\n", "policy.0", "lbsim compare SCENARIO --allow-import --policy "
+         "my.policies:Mine"),
+        ("name: x\npolicy: [scenario+velocity]\n", "policy.0", "only for `--policy` on the command line"),
+        ("name: x\npolicy: [{window_s: 60}]\n", "policy.0", "needs a `name`"),
+        ("name: x\npolicy: [3]\n", "policy.0", "a policy spec like 'fail-open+dns-failover'"),
+        ("name: x\ntimeline: [{at: 3, set_policy: {policy: dns-failover, param: enabld, value: false}}]\n",
+         "timeline.0.set_policy.param", "allowed: enabled, min_healthy; did you mean `enabled`?"),
+        ("name: x\ntimeline: [{at: 3, set_policy: {policy: dns-failover, param: enabled, value: maybe}}]\n",
+         "timeline.0.set_policy.value", "must be true or false"),
+        ("name: x\ntimeline: [{at: 3, set_policy: {policy: aws, param: enabled, value: false}}]\n",
+         "timeline.0.set_policy.policy", "preset; name one of its policies: fail-open, dns-failover"),
+        # an empty fleet
+        ("name: x\ntargets_per_zone: 0\n", "targets_per_zone", "the scenario has no targets"),
+        # target ids of this scenario
+        ("name: x\ntimeline: [{at: 1, targets: [a-0, z-9, a-x], path: {state: open}}]\n", "timeline.0.targets",
+         "['z-9', 'a-x'] are not target ids of this scenario: ids look like <zone>-<n> with a zone of"),
+        ("name: x\ntimeline: [{at: 1, targets: [a-i3], path: {state: open}}]\n", "timeline.0.targets",
+         "ids look like <zone>-<n> with"),
+        ("name: x\n" + CP + "timeline: [{at: 1, targets: [q-i3], path: {state: open}}]\n", "timeline.0.targets",
+         "<zone>-<n> or <zone>-i<n> (an instance)"),
+        ("name: x\ntimeline: [{at: 1, zone: b, targets: [a-1], path: {state: open}}]\n", "timeline.0.targets",
+         "not in zone 'b'"),
+        ("name: x\ntimeline: [{at: 1, targets: [], path: {state: open}}]\n", "timeline.0.targets", "at least 1 item"),
+        ("name: x\ntimeline: [{at: 1, zone: d, path: {state: open}}]\n", "timeline.0.zone",
+         "not one of the zones ['a', 'b', 'c']"),
+        # shapes
+        ("name: x\nhealth_check:\n", "health_check", "must be a mapping"),
+        ("name: x\npolicy: aws\n", "policy", "must be a list"),
     ],
 )
 def test_errors_name_file_field_and_allowed(tmp_path: Path, text: str, field: str, allowed: str) -> None:
@@ -65,11 +154,146 @@ def test_errors_name_file_field_and_allowed(tmp_path: Path, text: str, field: st
     assert path in msg and field in msg and allowed in msg, msg
 
 
-def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
-    with pytest.raises(ScenarioError, match="not valid YAML"):
-        load_scenario(write(tmp_path, "name: [unclosed\n"))
+@pytest.mark.parametrize(
+    ("text", "where", "what"),
+    [
+        ("name: [unclosed\n", "2:1", "expected ',' or ']'"),
+        ("name: x\nhealth_check:\n\tinterval_s: 3\n", "3:1", "YAML indents with spaces, not tabs"),
+        ("name: x\n  speed: 2\n", "2:8", "check the indentation"),
+        ("name: x\nspeed: 3\nduration_s: 9\nspeed: 4\n", "4:1", "key 'speed' is given twice (first at line 2, "
+         "column 1)"),
+        ("name: x\nhealth_check: {interval_s: 5, interval_s: 6}\n", "2:31",
+         "key 'interval_s' is given twice (first at line 2, column 16)"),
+    ],
+)
+def test_invalid_yaml_names_file_line_and_column(tmp_path: Path, text: str, where: str, what: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ScenarioError) as ei:
+        load_scenario(path)
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}:{where}: not valid YAML: ") and what in msg and "\n" not in msg, msg
+
+
+def test_not_a_mapping_nor_text(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match="must be a YAML mapping"):
         load_scenario(write(tmp_path, "- a\n- b\n"))
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ScenarioError, match="not a text file"):
+        load_scenario(str(binary))
+
+
+def test_several_mistakes_give_one_line_each(tmp_path: Path) -> None:
+    fields = write(tmp_path, "name: x\nspeeed: 3\nduration_s: 10s\nhealth_check: {healthy_threshold: 20}\n"
+                             "traffic: {rate_per_s: -1}\n")
+    with pytest.raises(ScenarioError) as ei:
+        load_scenario(fields)
+    lines = str(ei.value).splitlines()
+    assert lines[0] == f"{fields}: invalid scenario"
+    named = sorted(line.split(":")[0].strip() for line in lines[1:])
+    assert named == ["duration_s", "health_check.healthy_threshold", "speeed", "traffic.rate_per_s"], lines
+    # Mistakes found by looking at the whole scenario are reported together too, in file order.
+    whole = write(tmp_path, "name: x\nduration_s: 20\ntargets_per_zone: 0\npolicy: [bogus]\ntimeline:\n"
+                            "  - {at: 30, zone: q, backend: {mode: hang}}\n"
+                            "  - {at: 5, targets: [z-1], deregister: true}\n")
+    with pytest.raises(ScenarioError) as ei:
+        load_scenario(whole)
+    lines = str(ei.value).splitlines()
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        "targets_per_zone", "policy.0", "timeline.0.at", "timeline.0.zone", "timeline.1.targets"], lines
+
+
+def test_validate_subprocess_exits_2_with_the_message_on_stderr_only(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\nhealth_check: {interval_s: 10s}\n")
+    r = subprocess.run([sys.executable, "-m", "scenarios.cli", "validate", path], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r
+    assert r.stdout == ""
+    err = r.stderr.replace("\n", "")  # rich may wrap at 80 columns off a terminal
+    assert path in err and "health_check.interval_s" in err and SECONDS in err, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+BASE: dict[str, Any] = {"name": "x", "duration_s": 100}
+
+
+def test_numbers_accept_ints_floats_and_yaml_exponents(tmp_path: Path) -> None:
+    sc, _ = load_scenario(write(tmp_path, "name: x\nduration_s: 1.5e+2\nspeed: 20\nhealth_check: {interval_s: 3, "
+                                          "timeout_s: 0.5, healthy_threshold: 1}\n"))
+    assert sc.duration_s == 150.0 and sc.speed == 20.0 and sc.health_check.interval_s == 3.0
+    # A threshold of 1 is allowed, but outside what AWS accepts, and said so.
+    assert any("healthy_threshold=1" in n and "2-10" in n for n in sc.health_check.aws_notes())
+
+
+def test_a_fleet_may_start_empty_if_something_adds_targets() -> None:
+    register = parse_scenario({**BASE, "targets_per_zone": 0,
+                               "timeline": [{"at": 1, "zone": "a", "register": {"count": 2}}]}, "f")
+    assert register.targets_per_zone == 0
+    launched = parse_scenario({**BASE, "targets_per_zone": 0, "control_plane": {"instances": {"desired_per_zone": 2}},
+                               "timeline": [{"at": 1, "targets": ["a-i0"], "path": {"state": "open"}}]}, "f")
+    assert launched.timeline[0].targets == ["a-i0"]
+
+
+def test_zone_names_with_dashes_and_digits_make_target_ids() -> None:
+    sc = parse_scenario({**BASE, "zones": ["use1-az1", "use1-az2"],
+                         "timeline": [{"at": 1, "targets": ["use1-az1-0", "use1-az2-12"], "deregister": True}]}, "f")
+    assert sc.timeline[0].targets == ["use1-az1-0", "use1-az2-12"]
+
+
+def test_set_policy_of_a_name_that_is_not_built_in_is_left_to_the_run() -> None:
+    """A run may have the user's own policy of that name (`lbsim compare --allow-import`); ScenarioRun checks."""
+    sc = parse_scenario({**BASE, "timeline": [{"at": 1, "set_policy": {"policy": "mine", "param": "p", "value": 1}}]},
+                        "f")
+    assert sc.timeline[0].set_policy is not None and sc.timeline[0].set_policy.policy == "mine"
+
+
+def test_set_policy_values_are_checked_on_the_scenarios_own_policies_in_time_order() -> None:
+    entries = [{"name": "min-healthy", "min_percent": 60, "actions": ["dns-failover"]}]
+    ok = parse_scenario({**BASE, "policy": entries, "timeline": [
+        {"at": 2, "set_policy": {"policy": "min-healthy", "param": "min_percent", "value": 80}},
+        {"at": 4, "set_policy": {"policy": "min-healthy", "param": "min_percent", "value": 40}}]}, "f")
+    assert len(ok.timeline) == 2
+    with pytest.raises(ScenarioError, match=r"timeline\.0\.set_policy\.value: .*between 0 and 100"):
+        parse_scenario({**BASE, "policy": entries, "timeline": [
+            {"at": 2, "set_policy": {"policy": "min-healthy", "param": "min_percent", "value": 101}}]}, "f")
+
+
+def ev(**kw: Any) -> Event:
+    return Event.model_validate({"at": 5, **kw})
+
+
+def test_selections_overlap_by_zone_and_targets() -> None:
+    path = {"state": "open"}
+    assert selections_overlap(ev(zone="a", path=path), ev(path=path))
+    assert not selections_overlap(ev(zone="a", path=path), ev(zone="b", path=path))
+    assert selections_overlap(ev(zone="a", count=1, path=path), ev(zone="a", count=2, path=path))
+    assert selections_overlap(ev(targets=["a-0", "b-1"], path=path), ev(targets=["b-1"], path=path))
+    assert not selections_overlap(ev(targets=["a-0"], path=path), ev(targets=["a-1"], path=path))
+    assert selections_overlap(ev(targets=["a-i4"], path=path), ev(zone="a", path=path))
+    assert not selections_overlap(ev(targets=["a-0"], path=path), ev(zone="b", path=path))
+
+
+def test_which_events_at_the_same_time_conflict() -> None:
+    path, backend = {"state": "blackhole"}, {"mode": "hang"}
+    assert event_conflict(ev(zone="a", path=path), ev(zone="a", path=path)) is not None
+    # A path and a backend change to the same target are two faults at once (gray-failure does it).
+    assert event_conflict(ev(targets=["a-0"], path=path), ev(targets=["a-0"], backend=backend)) is None
+    assert event_conflict(ev(zone="a", path=path), ev(zone="a", register={"count": 2})) is None
+    assert event_conflict(ev(zone="a", path=path), Event.model_validate({"at": 6, "zone": "a", "path": path})) is None
+
+    def control(**c: Any) -> Event:
+        return ev(control=c)
+
+    delay = {"component": "dns", "action": "delay-enactor", "delay_s": 3}
+    assert event_conflict(control(**delay, enactor="a"), control(**delay, enactor="a")) is not None
+    assert event_conflict(control(**delay, enactor="a"), control(**delay, enactor="b")) is None
+    launch = {"component": "instances", "action": "launch", "count": 2}
+    assert event_conflict(control(**launch, zone="a"), control(**launch, zone="b")) is None
+    assert event_conflict(control(component="host_manager", action="restart"),
+                          control(component="host_manager", action="throttle", per_s=2)) is None
+    sp = {"policy": "dns-failover", "param": "enabled", "value": False}
+    assert event_conflict(ev(set_policy=sp), ev(set_policy={**sp, "param": "min_healthy", "value": 1})) is None
+    assert event_conflict(ev(set_policy=sp), ev(set_policy=sp)) is not None
 
 
 def test_unknown_name_lists_builtins() -> None:
@@ -81,3 +305,18 @@ def test_aws_notes_for_compressed_intervals() -> None:
     sc, _ = load_scenario("zone-outage")
     notes = sc.health_check.aws_notes()
     assert any("interval_s=2" in n and "5-300" in n for n in notes)
+
+
+def test_checker_events_change_the_transition_cost_and_conflict_at_the_same_time(tmp_path: Path) -> None:
+    ok = write(tmp_path, "name: x\ntimeline: [{at: 5, checker: {transition_cost: 2}}]\n")
+    sc, _ = load_scenario(ok)
+    assert sc.timeline[0].action == "checker" and sc.timeline[0].checker is not None
+    assert sc.timeline[0].checker.transition_cost == 2
+    for text, needle in [
+        ("name: x\ntimeline: [{at: 5, checker: {transition_cost: -1}}]\n", "timeline.0.checker.transition_cost"),
+        ("name: x\ntimeline: [{at: 5, checker: {transition_cost: 1}}, {at: 5, checker: {transition_cost: 2}}]\n",
+         "both change the checker"),
+    ]:
+        with pytest.raises(ScenarioError) as ei:
+            load_scenario(write(tmp_path, text))
+        assert needle in str(ei.value), str(ei.value)
