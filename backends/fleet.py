@@ -133,6 +133,9 @@ class Targets:
         """See `NetPath.set_state`; UnknownTarget or ValueError change nothing."""
         await self._get(target_id).path.set_state(state, cut_existing=cut_existing, **params)
 
+    def __contains__(self, target_id: object) -> bool:
+        return target_id in self._targets
+
     def can_serve(self, target_id: str) -> bool:
         return self.info(target_id).can_serve
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class LoadBalancer:
         self.checkers: dict[str, NodeChecker] = {}
         self.proxies: dict[str, NodeProxy] = {}
         self.nodes: dict[str, str] = {}  # zone -> "host:port" of its listener
+        self.transition_cost = config.capacity.transition_cost
         self.dns: DnsView | None = None
         self.plan: RoutingPlan | None = None
         self._evaluator: asyncio.Task[None] | None = None
@@ -262,9 +264,16 @@ class LoadBalancer:
         self.metrics.transitions.labels(t.old.value, t.new.value).inc()
         self._emit(LbEvent(t.at, "transition", t.target, f"{t.old.value}->{t.new.value}"))
         # AWS: every change costs the health-check subsystem re-verification and DNS work on every node.
-        if self.config.capacity.transition_cost > 0:
+        if self.transition_cost > 0:
             for checker in self.checkers.values():
-                checker.charge(self.config.capacity.transition_cost)
+                checker.charge(self.transition_cost)
+
+    def set_transition_cost(self, cost: float) -> None:
+        """Change what each health transition costs every node's checker, from now on (an operator action:
+        with automatic DNS failover switched off, a health change no longer triggers DNS updates)."""
+        if not (math.isfinite(cost) and cost >= 0):
+            raise ValueError(f"transition_cost must be a finite number >= 0, got {cost}")
+        self.transition_cost = cost
 
     # -- evaluation ----------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -39,6 +40,7 @@ from scenarios.report import ReportError, compare_table, is_compare_dir, is_run_
 from scenarios.runner import Progress as RunProgress
 from scenarios.runner import ScenarioRun
 from scenarios.schema import Scenario, ScenarioError, builtin_names, load_scenario
+from scenarios.serve import DEFAULT_PORTS, PortError, check_free, plan_ports, serve, serving_scenario
 
 app = typer.Typer(
     add_completion=False,
@@ -106,6 +108,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row(label, "-" if v is None else fmt.format(v))
     return table
 
+
+# Two runs at once on two or more cores: each needs about half a core, and more would make them late.
+DEFAULT_JOBS = min(2, os.cpu_count() or 1)
 
 SET_OPTION = typer.Option(
     "--set", help="Override a scenario field before validation, KEY=VALUE with a dotted KEY and a YAML VALUE, "
@@ -251,6 +256,118 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
             raise _fail(f"could not start: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
 
 
+def _port_option(help_text: str) -> Any:
+    return typer.Option(help=help_text + " 0 picks a free one.", min=0, max=65535)
+
+
+@app.command("serve")
+def serve_command(
+    scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")] = "zone-outage",
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", "-p", help="Policy name, preset or spec, as for `lbsim run`; repeat to compose. "
+                                            "Default: the scenario's own."),
+    ] = None,
+    speed: Annotated[float, typer.Option(help="Sim seconds per wall second (1: real time).", min=0.001)] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the scenario's).")] = None,
+    overrides: Annotated[list[str] | None, SET_OPTION] = None,
+    metrics_port: Annotated[int, _port_option("Loopback port of /metrics, what Prometheus scrapes.")
+                            ] = DEFAULT_PORTS["metrics"],
+    admin_port: Annotated[int, _port_option("Loopback port of the serve admin API (POST /events, GET /state).")
+                          ] = DEFAULT_PORTS["admin"],
+    dns_port: Annotated[int, _port_option("UDP port of the control plane's DNS server (only with a control plane).")
+                        ] = DEFAULT_PORTS["dns"],
+    node_port: Annotated[int, _port_option(
+        "Port of the load balancer's zone nodes: with a control plane all share it, each on its own address "
+        "127.0.1.N; without one they take this port, +1, +2 ... in zone order.")] = DEFAULT_PORTS["node"],
+    targets_port: Annotated[int, _port_option("Loopback port of the backends' admin API (/targets).")] = 0,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(envvar="LBSIM_ADMIN_TOKEN", show_envvar=True,
+                     help="Require `Authorization: Bearer TOKEN` on the serve admin API (the environment variable "
+                          "keeps it out of the process list)."),
+    ] = None,
+    record: Annotated[
+        bool | None,
+        typer.Option("--record/--no-record", help="Keep the recorder's time series and every request and sample for "
+                                                  "--out (memory and disk grow with time). Default: only with --out."),
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write the run directory here on exit.")] = None,
+    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
+) -> None:
+    """Start the whole system on fixed loopback ports and keep it running until Ctrl-C or SIGTERM (exit 0).
+
+    The scenario's timeline plays at its times, then everything keeps running (up to 7 sim days).
+
+    Point Prometheus at the metrics port (deploy/prometheus.yml); inject timeline events through the admin API:
+
+    curl -d '{"zone": "a", "path": {"state": "blackhole"}}' http://127.0.0.1:9465/events
+    """
+    try:
+        sc, source = load_scenario(scenario, overrides)
+        served = serving_scenario(sc)
+        claims = plan_ports(served, metrics=metrics_port, admin=admin_port, dns=dns_port, node=node_port,
+                            targets=targets_port)
+        keep = record if record is not None else out_dir is not None
+        r = ScenarioRun(served, list(policy) if policy else None, source=source, speed=speed, seed=seed,
+                        metrics_port=metrics_port, admin_port=targets_port,
+                        ports={"dns": dns_port, "node": node_port}, record=keep)
+        check_free(claims)
+    except (ScenarioError, PolicyError, PortError) as e:
+        raise _fail(str(e)) from None
+
+    def on_ready(rows: list[tuple[str, str]]) -> None:
+        table = Table(title=escape(f"lbsim serve: {sc.name} [{r.policy_name}] at speed {r.speed:g} "
+                                   "(Ctrl-C stops)"))
+        table.add_column("listener", no_wrap=True)
+        table.add_column("address", no_wrap=True)
+        for what, address in rows:
+            table.add_row(escape(what), escape(address))
+        # Wide enough for the addresses whatever the terminal: a cut-off address is no use to copy.
+        Console(width=max(out.width, 120), file=sys.stdout).print(table, highlight=False)
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop_ = asyncio.get_running_loop()
+        me = asyncio.current_task()
+
+        def on_signal() -> None:
+            # The first signal asks for a clean stop; a second one, if the stop itself is stuck, cancels it.
+            if stop.is_set() and me is not None:
+                me.cancel()
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop_.add_signal_handler(sig, on_signal)
+        try:
+            return await serve(r, stop, admin_port=admin_port, token=admin_token, on_ready=on_ready)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop_.remove_signal_handler(sig)
+
+    failure: str | None = None
+    try:
+        summary = run_async(main(), loop)
+    except asyncio.CancelledError:
+        console.print("stopped by a second signal")
+        summary = r.summary()
+    except ScenarioError as e:
+        summary, failure = r.summary(), str(e)
+    except OSError as e:
+        raise _fail(f"could not start: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+                    + "; if a port is taken, choose others with --metrics-port, --admin-port, --dns-port, "
+                      "--node-port or --targets-port (0 picks a free one)") from None
+    if out_dir is not None:
+        r.write(out_dir, summary)
+        console.print(f"run directory: {escape(str(out_dir))}", soft_wrap=True, highlight=False)
+    if failure is not None:
+        raise _fail(failure)
+    console.print(f"stopped at sim time {summary['duration_s']:.0f} s: {summary.get('requests_total', 0)} requests, "
+                  f"{summary.get('requests_failed', 0)} failed", highlight=False)
+
+
 scenarios_app = typer.Typer(help="The built-in scenarios: list them, show one, or print the file format's schema.",
                             no_args_is_help=False)
 app.add_typer(scenarios_app, name="scenarios")
@@ -269,10 +386,11 @@ def list_scenarios() -> None:
     table = Table(title="built-in scenarios")
     table.add_column("name")
     table.add_column("what it teaches")
+    table.add_column("should win")
     for name in builtin_names():
         sc, _ = load_scenario(name)
         text = " ".join(sc.description.split())
-        table.add_row(name, text.split(". ")[0].rstrip(".") + ".")
+        table.add_row(name, text.split(". ")[0].rstrip(".") + ".", ", ".join(sc.should_win) or "-")
     out.print(table)
 
 
@@ -357,7 +475,9 @@ def compare(
     speed: Annotated[float | None, typer.Option(help="Sim seconds per wall second.", min=0.001)] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Compare directory (default: runs/compare-NAME-TIME).")
                        ] = None,
-    jobs: Annotated[int, typer.Option(help="Runs at a time, each its own process with its own ports.", min=1)] = 1,
+    jobs: Annotated[int, typer.Option(
+        help="Runs at a time, each its own process with its own ports (default: 2, or 1 on a 1-core machine; "
+             "a run uses about half a core at its default speed).", min=1)] = DEFAULT_JOBS,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
     loop: Annotated[LoopKind, typer.Option(help="Event loop implementation of the runs.")] = LoopKind.uvloop,
     allow_import: Annotated[

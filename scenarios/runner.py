@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -174,11 +174,18 @@ class RunState:
     client_outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     stage_rows: list[dict[str, float]] | None = None  # from the recorder, once the run has ended
     last_row: dict[str, float] = field(default_factory=dict)
+    # False keeps only tallies and the latest row (no per-request or per-sample rows), for a run that never ends.
+    keep_rows: bool = True
+
+    def __post_init__(self) -> None:
+        # A run that is never written (a test, an embedding program) still closes its spool when it goes away.
+        weakref.finalize(self, self.request_log.close)
 
     def add_request(self, r: RequestResult) -> None:
         self.requests.add(r.started, r.latency_s, r.ok)
         self.client_outcomes[r.error or "ok"] += 1
-        self.request_log.write(f"{r.started:.4f},{r.latency_s:.5f},{int(r.ok)},{r.error}\n")
+        if self.keep_rows:
+            self.request_log.write(f"{r.started:.4f},{r.latency_s:.5f},{int(r.ok)},{r.error}\n")
 
     def add_sample(self, s: Sample, extra: dict[str, float]) -> None:
         self.capacity.add(s)
@@ -189,7 +196,8 @@ class RunState:
             "can_serve": len(s.can_serve), "false_out": false_out, "missed_in": len(s.serving - s.can_serve),
         }
         row.update(extra)
-        self.timeseries.append(row)
+        if self.keep_rows:
+            self.timeseries.append(row)
         self.last_row = row
 
 
@@ -219,7 +227,12 @@ class ScenarioRun:
         admin_port: int = 0,
         on_progress: Callable[[Progress], None] | None = None,
         on_started: Callable[[dict[str, Any]], None] | None = None,
+        ports: Mapping[str, int] | None = None,
+        record: bool = True,
     ) -> None:
+        """`ports` fixes listeners that are otherwise ephemeral: "dns" (the control plane's DNS server) and
+        "node" (the zone nodes: one shared port with a control plane, node, node+1, ... without). `record=False`
+        runs no recorder and keeps no per-request or per-sample rows, so a run that never ends stays bounded."""
         self.scenario = scenario
         self.policy_entries = expand_policy_entries(list(policy_entries), list(scenario.policy)) \
             if policy_entries else list(scenario.policy)
@@ -242,7 +255,9 @@ class ScenarioRun:
         self.admin_port = admin_port
         self.on_progress = on_progress
         self.on_started = on_started
-        self.state = RunState()
+        self.ports = dict(ports or {})
+        self.record = record
+        self.state = RunState(keep_rows=record)
         self.complete = False
         self.started_wall = 0.0
         self.end_sim = 0.0
@@ -282,17 +297,19 @@ class ScenarioRun:
                 for _ in range(sc.targets_per_zone):
                     await self._add_target(zone, None, in_service=sc.start_in_service)
             clock.restart()  # setting up many targets takes wall time the scenario must not lose
+            fixed = self.ports.get("node", 0)
             if sc.control_plane is None:
-                nodes = await self.lb.start()
+                nodes = await self.lb.start(ports={z: fixed + i for i, z in enumerate(sc.zones)} if fixed else None)
             else:
                 # Each zone's node on its own address and all on one port: the name is served as A records.
                 hosts = {z: f"127.0.1.{i + 1}" for i, z in enumerate(sc.zones)}
-                nodes = await self.lb.start(hosts=hosts, same_port=True)
+                nodes = await self.lb.start(hosts=hosts, same_port=True, ports={sc.zones[0]: fixed})
             self.state.ports["nodes"] = nodes
             if sc.control_plane is not None:
                 self.control = ControlPlane(
                     sc, clock, self.fleet, cp_registry, lb_addresses=lambda: list(self._resolve()),
                     on_launched=self._on_launched, on_terminated=self._on_terminated, on_event=self._on_cp_event,
+                    dns_port=self.ports.get("dns", 0),
                 )
                 await self.control.start([(t.id, t.zone) for t in self.lb.targets.values()])
                 assert self.control.dns is not None
@@ -302,12 +319,13 @@ class ScenarioRun:
             # Everything the report's time series holds is what a Prometheus server would have scraped.
             # A scrape gets at least half a wall second: at a high speed half an interval is too short a
             # time for a busy loop to answer, and a missed scrape is a hole in the series.
-            recorder = self.recorder = Recorder(
-                clock, {"lbsim": f"http://127.0.0.1:{self.state.ports['metrics']}/metrics"}, sc.record_interval_s,
-                timeout_s=max(sc.record_interval_s / 2, clock.to_sim(0.5)),
-            )
-            weakref.finalize(self, recorder.close)
-            recorder.start()
+            if self.record:
+                recorder = self.recorder = Recorder(
+                    clock, {"lbsim": f"http://127.0.0.1:{self.state.ports['metrics']}/metrics"},
+                    sc.record_interval_s, timeout_s=max(sc.record_interval_s / 2, clock.to_sim(0.5)),
+                )
+                weakref.finalize(self, recorder.close)
+                recorder.start()
             if self.on_started is not None:
                 self.on_started(dict(self.state.ports))
             cache = DnsCache(self._resolve, sc.traffic.dns_ttl_s)
@@ -409,12 +427,14 @@ class ScenarioRun:
         return tid
 
     def _select(self, ev: Event) -> list[str]:
-        assert self.lb is not None
-        ids = sorted(self.lb.targets)
+        assert self.lb is not None and self.fleet is not None
+        # Targets whose backend is gone (deregistered and drained, terminated) cannot be acted on any more.
+        fleet = self.fleet
+        ids = sorted(t for t in self.lb.targets if t in fleet)
         if ev.zone is not None:
             ids = [t for t in ids if self.lb.targets[t].zone == ev.zone]
         if ev.targets is not None:
-            unknown = sorted(set(ev.targets) - set(self.lb.targets))
+            unknown = sorted(set(ev.targets) - set(ids))
             if unknown:
                 raise ScenarioError(f"{self.source}: event at {ev.at:g}: unknown targets {unknown}")
             wanted = set(ev.targets)
@@ -435,6 +455,8 @@ class ScenarioRun:
             assert ev.zone is not None
             for _ in range(ev.register_.count):
                 touched.append(await self._add_target(ev.zone, ev))
+        elif ev.checker is not None:
+            self.lb.set_transition_cost(ev.checker.transition_cost)
         elif ev.control is not None:
             if self.control is None:  # the schema refuses this; a caller building events by hand may not
                 raise ScenarioError(f"{self.source}: event at {ev.at:g} needs a control plane")

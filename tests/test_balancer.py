@@ -687,3 +687,15 @@ def test_nodes_on_their_own_addresses_share_one_port_and_carry_requests() -> Non
             await rig.close()
 
     run_on("asyncio", body)
+
+
+def test_transition_cost_is_an_operator_setting_checked_like_the_config() -> None:
+    """What each health change costs the checkers can change at run time (failover off: no DNS updates)."""
+    rig = Rig("naive", capacity=CheckerCapacity(transition_cost=10))
+    assert rig.lb.transition_cost == 10
+    rig.lb.set_transition_cost(2)
+    assert rig.lb.transition_cost == 2
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="transition_cost"):
+            rig.lb.set_transition_cost(bad)
+    assert rig.lb.transition_cost == 2

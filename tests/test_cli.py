@@ -388,7 +388,7 @@ health_check: {interval_s: 5, timeout_s: 2, healthy_threshold: 2, unhealthy_thre
         ("timeline: [{at: 2, zone: a, path: {state: melt}}]\n", "timeline.0.path.state", "'blackhole'"),
         ("speeed: 3\n", "speeed", "unknown field"),
         ("traffic: {rate_per_s: -1}\n", "traffic.rate_per_s", "greater than or equal to 0"),
-        ("timeline: [{at: 2, zone: z, path: {state: open}}]\n", "timeline[0].zone", "['a', 'b']"),
+        ("timeline: [{at: 2, zone: z, path: {state: open}}]\n", "timeline.0.zone", "['a', 'b']"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "validate"])
@@ -419,7 +419,7 @@ def test_unknown_policy_lists_the_allowed_names(tmp_path: Path) -> None:
         assert f"unknown policy '{name}'" in msg, res.stderr
         for allowed in [*POLICY_TYPES, *PRESETS]:
             assert allowed in msg, allowed
-    assert "policy[1]" in unwrap(v.stderr) and str(in_file) in unwrap(v.stderr)
+    assert "policy.1" in unwrap(v.stderr) and str(in_file) in unwrap(v.stderr)
 
 
 def test_metrics_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:

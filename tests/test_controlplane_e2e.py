@@ -15,7 +15,7 @@ from backends.controlplane.resolver import LookupOutcome
 from scenarios.runner import ScenarioRun
 from scenarios.schema import parse_scenario
 
-SPEED = 40.0
+SPEED = 30.0  # high, but not so high that a loaded 2-core machine's loop lag shows in sim time
 DNS_TTL = 5  # the lease store record's TTL (sim s)
 PLANNER = 5.0
 KEEP = 3
@@ -132,7 +132,9 @@ async def test_empty_record_expires_leases_fails_launches_and_recovery_collapses
         assert max(goodput.values()) == 0
         assert max(timeouts.values()) > 30  # every host's item timed out at least once
     else:
-        assert collapse[1] <= mitigate_at + SAMPLE + 5  # progress within an item timeout of the restart
+        # Progress once the flushed hosts are offered again (retry_s = 2) and the first item is served, well
+        # within an item timeout (5).
+        assert collapse[1] <= mitigate_at + 2 + 5 + SAMPLE
         restored_from, restored_to = found["leases-restored"]
         assert restored_from >= collapse[1]
         # 30 hosts let in at 1 per second (3 workers keep up with that at a small depth), plus the retry

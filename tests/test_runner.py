@@ -50,10 +50,10 @@ async def test_deregistration_drains_and_releases_the_target() -> None:
 
 
 async def test_a_failing_event_stops_the_run_and_keeps_results() -> None:
-    sc = parse_scenario({**BASE, "name": "bad", "timeline": [{"at": 2, "targets": ["z-9"], "path": {"state": "open"}}]},
-                        "test.yaml")
+    sc = parse_scenario({**BASE, "name": "bad",
+                         "timeline": [{"at": 2, "targets": ["a-99"], "path": {"state": "open"}}]}, "test.yaml")
     run = ScenarioRun(sc, source="test.yaml")
-    with pytest.raises(ScenarioError, match=r"test.yaml: event at 2: unknown targets \['z-9'\]"):
+    with pytest.raises(ScenarioError, match=r"test.yaml: event at 2: unknown targets \['a-99'\]"):
         await run.run()
     summary = run.summary()
     assert summary["complete"] is False and summary["duration_s"] >= 2
@@ -87,3 +87,15 @@ def test_scenario_term_expands_to_the_scenario_policies() -> None:
     assert run.policy_name == "scenario+velocity(window_s=60)"
     assert [p.name for p in ScenarioRun(sc, ["naive"]).policies] == ["naive"]
     assert [p.name for p in ScenarioRun(sc).policies] == ["fail-open", "min-healthy"]
+
+
+async def test_a_zone_event_after_a_target_was_retired_acts_on_the_live_ones() -> None:
+    sc = parse_scenario({**BASE, "name": "retired", "duration_s": 12, "timeline": [
+        {"at": 1, "targets": ["a-0"], "deregister": True},
+        {"at": 9, "zone": "a", "path": {"state": "latency", "latency_s": 0.01}},
+    ]}, "test")
+    run = ScenarioRun(sc, source="test")
+    summary = await run.run()
+    assert summary["complete"]
+    [zone_event] = [e for e in run.state.events if e["kind"] == "timeline" and e["subject"] == "path"]
+    assert zone_event["targets"] == ["a-1"]  # a-0 was drained (3 s) and released before t=9
