@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from enum import StrEnum
 from importlib import resources
@@ -56,6 +56,29 @@ T = TypeVar("T")
 class LoopKind(StrEnum):
     uvloop = "uvloop"
     asyncio = "asyncio"
+
+
+async def until_signalled(body: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """Run `body(stop)` with SIGINT and SIGTERM wired to it: the first signal sets `stop` (a clean stop that keeps
+    results); a second one, if that stop is stuck, cancels the body."""
+    stop = asyncio.Event()
+    loop_ = asyncio.get_running_loop()
+    me = asyncio.current_task()
+
+    def on_signal() -> None:
+        if stop.is_set() and me is not None:
+            me.cancel()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop_.add_signal_handler(sig, on_signal)
+    try:
+        return await body(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop_.remove_signal_handler(sig)
 
 
 def run_async(coro: Coroutine[Any, Any, T], loop: LoopKind) -> T:
@@ -177,6 +200,7 @@ def run(
         r.write(target, r.summary())  # what was recorded up to the failing event is kept
         raise _fail(f"{e} (partial results in {target})") from None
     r.write(target, summary)
+    plot_run(target)  # run.png: routable targets and request success over sim time, events marked
     out.print(summary_table(summary))
     stages = stages_table(summary)
     if stages is not None:
@@ -223,28 +247,9 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
     r.on_progress = on_progress
 
     async def main() -> dict[str, Any]:
-        stop = asyncio.Event()
-        loop_ = asyncio.get_running_loop()
-        me = asyncio.current_task()
-
-        def on_signal() -> None:
-            # The first signal asks for a clean stop; a second one, if the stop itself is stuck, cancels the run.
-            if stop.is_set() and me is not None:
-                me.cancel()
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop_.add_signal_handler(sig, on_signal)
-        try:
-            if r.on_progress is not None and not quiet:
-                console.print(f"starting {escape(r.scenario.name)} at speed {r.speed:g} "
-                              "(Ctrl-C stops and keeps results)")
-            return await r.run(stop)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop_.remove_signal_handler(sig)
+        if r.on_progress is not None and not quiet:
+            console.print(f"starting {escape(r.scenario.name)} at speed {r.speed:g} (Ctrl-C stops and keeps results)")
+        return await until_signalled(r.run)
 
     with progress:
         try:
@@ -327,25 +332,8 @@ def serve_command(
         Console(width=max(out.width, 120), file=sys.stdout).print(table, highlight=False)
 
     async def main() -> dict[str, Any]:
-        stop = asyncio.Event()
-        loop_ = asyncio.get_running_loop()
-        me = asyncio.current_task()
-
-        def on_signal() -> None:
-            # The first signal asks for a clean stop; a second one, if the stop itself is stuck, cancels it.
-            if stop.is_set() and me is not None:
-                me.cancel()
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop_.add_signal_handler(sig, on_signal)
-        try:
-            return await serve(r, stop, admin_port=admin_port, token=admin_token, on_ready=on_ready)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop_.remove_signal_handler(sig)
+        return await until_signalled(
+            lambda stop: serve(r, stop, admin_port=admin_port, token=admin_token, on_ready=on_ready))
 
     failure: str | None = None
     try:

@@ -555,7 +555,7 @@ def event_conflict(a: Event, b: Event) -> str | None:
 class Scenario(_Model):
     name: str
     description: str = ""
-    # The policies this scenario's author expects to do best (specs, as for --policy), for `lbsim scenarios`.
+    # The policies the scenario's author expects to do best (specs, as for --policy), shown by `lbsim scenarios`.
     should_win: list[str] = []
     seed: Whole = 1
     speed: Annotated[Speed, Field(gt=0, le=1000)] = 10.0

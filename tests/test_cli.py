@@ -240,6 +240,7 @@ def test_run_writes_summary_events_timeseries_and_a_valid_scenario(tmp_path: Pat
     assert int(rows[0]["can_serve"]) == 4 and int(rows[-1]["can_serve"]) == 2
     assert any(int(row["missed_in"]) > 0 for row in rows)
     assert (out / "requests.csv").read_text().startswith("started,latency_s,ok,error")
+    assert (out / "run.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")  # the run's plot
     # The tidy series is what a scrape of /metrics gave, every record_interval_s (10) and once at the end.
     with (out / "timeseries.csv").open() as f:
         tidy = list(csv.DictReader(f))
