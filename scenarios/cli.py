@@ -372,7 +372,7 @@ def scenarios_main(ctx: typer.Context) -> None:
 def list_scenarios() -> None:
     """List the built-in scenarios and what each teaches."""
     table = Table(title="built-in scenarios")
-    table.add_column("name")
+    table.add_column("name", no_wrap=True)  # a name is what one types next: never split it
     table.add_column("what it teaches")
     table.add_column("should win")
     for name in builtin_names():
