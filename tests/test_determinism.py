@@ -15,8 +15,11 @@ from scenarios.runner import ScenarioRun
 from scenarios.schema import parse_scenario
 
 SPEED = 20.0
-TIME_TOL = 2.0  # sim s: one planner interval plus a sample
-STAGE_TOL = 2.0  # sim s: the recorder's interval plus a sample
+# An enactor's pass starts on its poll grid and a delayed write lands just before the next clean-up, so a
+# control-plane event can shift by a planner interval (2) + a poll (1) + a pass over 3 endpoints (3 x 0.5)
+# when the loop's timing differs a little: 4.5 s, rounded up.
+TIME_TOL = 5.0
+STAGE_TOL = TIME_TOL + 1.0  # and the recorder's interval (1 s) on top, for the stages
 
 SCENARIO: dict[str, Any] = {
     "name": "determinism",
