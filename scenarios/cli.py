@@ -174,6 +174,7 @@ def run(
     loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into an --out directory that is not empty.")] = False,
     import_policies: Annotated[
         list[str] | None,
         # Hidden: how `lbsim compare --allow-import` hands a user's policy class to its child runs.
@@ -194,6 +195,7 @@ def run(
     except (ScenarioError, PolicyError) as e:
         raise _fail(str(e)) from None
     target = out_dir or Path("runs") / f"{sc.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_run_dir(target, force)
     try:
         summary = run_with_progress(r, loop, quiet)
     except ScenarioError as e:
@@ -215,6 +217,20 @@ def run(
     out.print(f"run directory: {escape(str(target))}", soft_wrap=True)
     if not summary["complete"]:
         raise typer.Exit(130)
+
+
+def check_run_dir(target: Path, force: bool) -> None:
+    """Before anything starts: the run directory must be new or empty (unless --force) and writable, so a run
+    never overwrites earlier results by accident nor finds out at the end that it cannot keep its own."""
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise _fail(f"{target} exists and is not empty; use --force to write into it, or choose another --out")
+    probe = target / ".lbsim-write-check"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise _fail(f"cannot write the run directory {target}: {e.strerror or e}; choose another --out") from None
 
 
 def print_ports(ports: dict[str, Any]) -> None:

@@ -576,3 +576,22 @@ def test_sim_clock_never_wakes_before_its_deadline_on_uvloop() -> None:
 
     early = uvloop.run(main())
     assert not early, f"{len(early)} of 20 sleep_until() calls returned early, by up to {max(early):.4f} sim s"
+
+
+def test_run_refuses_a_non_empty_or_unwritable_out_dir_before_starting(tmp_path: Path) -> None:
+    sc = scenario_file(tmp_path, duration=2, timeline="")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "summary.json").write_text("{}")
+    r = lbsim("run", str(sc), "--out", str(used), "--quiet")
+    assert r.returncode == 2
+    assert "not empty" in unwrap(r.stderr) and "--force" in unwrap(r.stderr)
+    assert (used / "summary.json").read_text() == "{}"  # nothing was started, nothing overwritten
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = lbsim("run", str(sc), "--out", str(blocker / "run"), "--quiet")
+    assert r.returncode == 2 and "cannot write the run directory" in unwrap(r.stderr)
+    r = lbsim("run", str(sc), "--out", str(used), "--quiet", "--force",
+              timeout=2 / 10 + START_LIMIT_S + EXIT_LIMIT_S)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((used / "summary.json").read_text())["complete"] is True
