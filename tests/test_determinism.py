@@ -3,7 +3,7 @@
 Real sockets and a real event loop are not bit-for-bit repeatable: timers fire a little late, and a probe or a
 request can land on either side of a sample. So "the same" is defined with tolerances (documented in the
 README): the same control-plane events in the same order, each within TIME_TOL sim seconds of its twin; the
-same stages within STAGE_TOL; availability within 1 point; capacity metrics within 5% of the run's
+same stages within STAGE_TOL; availability within 2 points; capacity metrics within 5% of the run's
 target-seconds (or 5 target-seconds).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 from scenarios.runner import ScenarioRun
 from scenarios.schema import parse_scenario
 
-SPEED = 20.0
+SPEED = 10.0  # a loaded CI machine's loop lag must not turn into request timeouts in sim time
 # An enactor's pass starts on its poll grid and a delayed write lands just before the next clean-up, so a
 # control-plane event can shift by a planner interval (2) + a poll (1) + a pass over 3 endpoints (3 x 0.5)
 # when the loop's timing differs a little: 4.5 s, rounded up.
@@ -66,7 +66,7 @@ async def test_same_seed_same_speed_same_control_plane_timeline_and_outcomes() -
     assert "dns-record-empty" in {s["name"] for s in first["stages"]}
     for a, b in zip(first["stages"], second["stages"], strict=True):
         assert abs(a["start_s"] - b["start_s"]) <= STAGE_TOL and abs(a["end_s"] - b["end_s"]) <= STAGE_TOL, (a, b)
-    assert abs(first["availability"] - second["availability"]) <= 0.01
+    assert abs(first["availability"] - second["availability"]) <= 0.02
     scale = 120 * 4  # target-seconds in the run
     for key in ("capacity_lost_target_seconds", "false_ejection_target_seconds", "missed_ejection_target_seconds"):
         assert abs(first[key] - second[key]) <= max(5.0, 0.05 * scale), key
