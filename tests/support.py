@@ -11,6 +11,9 @@ from typing import Any
 
 import uvloop
 
+from lb.probes import MAX_STATUS_LINE, is_status_line_prefix, parse_status_line
+from lb.targets import ProbeOutcome
+
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
@@ -49,3 +52,18 @@ async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+def probe_verdict(data: bytes, codes: frozenset[int]) -> ProbeOutcome | None:
+    """The verdict a server's answer `data` forces on a strict HTTP probe, however it is split across reads;
+    None while it decides nothing yet (the probe then ends by the server closing or by its timeout)."""
+    head = data[:MAX_STATUS_LINE]
+    end = head.find(b"\n")
+    if end >= 0:
+        code = parse_status_line(head[: end + 1])
+        if code is None:
+            return ProbeOutcome.MALFORMED
+        return ProbeOutcome.SUCCESS if code in codes else ProbeOutcome.FAILURE
+    if len(head) >= MAX_STATUS_LINE or not is_status_line_prefix(head):
+        return ProbeOutcome.MALFORMED
+    return None

@@ -29,7 +29,7 @@ from typing import Literal, cast
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from support import LOOPS, open_sockets, run_on, wait_for
+from support import LOOPS, open_sockets, probe_verdict, run_on, wait_for
 
 from lb.probes import MAX_STATUS_LINE, build_request, is_status_line_prefix, parse_status_line, probe_http
 from lb.proxy import ConnectionReport, NodeProxy
@@ -311,18 +311,6 @@ def chunked(draw: st.DrawFn, data: bytes, max_cuts: int = 3) -> tuple[bytes, ...
     return tuple(data[a:b] for a, b in itertools.pairwise(bounds) if b > a)
 
 
-def verdict(data: bytes, codes: frozenset[int]) -> ProbeOutcome | None:
-    """The verdict `data` forces on a strict probe, however it is split across reads; None if undecided."""
-    head = data[:MAX_STATUS_LINE]
-    end = head.find(b"\n")
-    if end >= 0:
-        code = parse_status_line(head[: end + 1])
-        if code is None:
-            return ProbeOutcome.MALFORMED
-        return ProbeOutcome.SUCCESS if code in codes else ProbeOutcome.FAILURE
-    if len(head) >= MAX_STATUS_LINE or not is_status_line_prefix(head):
-        return ProbeOutcome.MALFORMED
-    return None
 
 
 # -- the HTTP probe against scripted backends --------------------------------------------------------------
@@ -347,13 +335,13 @@ def probe_cases(draw: st.DrawFn) -> ProbeCase:
     )
     codes = draw(st.one_of(st.just(CODES), st.frozensets(st.integers(100, 599), max_size=20)))
     # An undecided hang waits for the whole timeout: keep it short there, long elsewhere so it cannot be hit.
-    undecided_hang = end == "hang" and verdict(data, codes) is None
+    undecided_hang = end == "hang" and probe_verdict(data, codes) is None
     return ProbeCase(script, codes, draw(st.booleans()), 0.2 if undecided_hang else 3.0)
 
 
 def allowed_outcomes(case: ProbeCase) -> set[ProbeOutcome]:
     s = case.script
-    forced = verdict(s.response, case.codes)
+    forced = probe_verdict(s.response, case.codes)
     if forced is None:
         return {ProbeOutcome.TIMEOUT} if s.end == "hang" else {ProbeOutcome.RESET}
     allowed = {forced}
@@ -443,7 +431,7 @@ async def run_reset_mid_response(response: bytes, cut: int, reset_close: bool) -
     backend = Backend(script)
     port = await backend.start()
     out = await probe_http(HOST, port, "/health", "lbsim", CODES, 3.0, reset_close=reset_close)
-    forced = verdict(response[:cut], CODES)
+    forced = probe_verdict(response[:cut], CODES)
     assert out in ({ProbeOutcome.RESET} if forced is None else {forced, ProbeOutcome.RESET}), (out, forced)
     await wait_for(backend.all_closed, CLOSE_WITHIN_S)
     await backend.close()
@@ -618,6 +606,6 @@ def test_helpers_reference_model_examples() -> None:
     assert ref_parse(b"HTTP/1.1 200\r\n") is None
     assert ref_parse(b"HTTP/1.1 600 x\r\n") is None
     assert ref_prefix(b"HTTP/1.1 2") and ref_prefix(b"HTTP/1.1 200 OK\r") and not ref_prefix(b"HTTP/1.1 200 O\rK")
-    assert verdict(b"HTTP/1.1 503 x\r\njunk", CODES) == ProbeOutcome.FAILURE
-    assert verdict(b"HTTP/1.1 20", CODES) is None
-    assert verdict(header_block(MAX_STATUS_LINE), CODES) == ProbeOutcome.MALFORMED
+    assert probe_verdict(b"HTTP/1.1 503 x\r\njunk", CODES) == ProbeOutcome.FAILURE
+    assert probe_verdict(b"HTTP/1.1 20", CODES) is None
+    assert probe_verdict(header_block(MAX_STATUS_LINE), CODES) == ProbeOutcome.MALFORMED

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import probe_verdict
 
 from lb.probes import (
     MAX_STATUS_LINE,
@@ -400,15 +401,9 @@ async def test_no_fd_leaks_across_outcomes() -> None:
 
 def expected(data: bytes, closes: bool) -> ProbeOutcome:
     """What a strict probe must say about a server that answers `data` and then closes (or hangs)."""
-    head = data[:MAX_STATUS_LINE]
-    end = head.find(b"\n")
-    if end >= 0:
-        code = parse_status_line(head[: end + 1])
-        if code is None:
-            return ProbeOutcome.MALFORMED
-        return ProbeOutcome.SUCCESS if code in CODES else ProbeOutcome.FAILURE
-    if len(head) >= MAX_STATUS_LINE or not is_status_line_prefix(head):
-        return ProbeOutcome.MALFORMED
+    forced = probe_verdict(data, CODES)
+    if forced is not None:
+        return forced
     return ProbeOutcome.RESET if closes else ProbeOutcome.TIMEOUT
 
 
