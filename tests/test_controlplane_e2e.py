@@ -74,7 +74,10 @@ async def test_the_race_empties_the_record_unless_a_protection_is_on(protection:
         start, end = found["dns-record-empty"]
         # The stale write lands once the delay is over, no later than a poll and a pass after it.
         assert RACE["at"] < start <= RACE["at"] + 25 + 2 * PLANNER
-        assert 50 <= end <= 50 + SAMPLE + 0.5  # back at the first sample after the restore
+        # Back at the recorder's first scrape after the restore (a loaded loop can delay that scrape, so the
+        # bound is the scrape's own time, not the nominal interval).
+        assert run.recorder is not None
+        assert end == pytest.approx(min(t for t in run.recorder.scrape_times if t >= 50), abs=0.01)
         assert any(e["kind"] == "dns_emptied" for e in run.state.events)
         # The host manager's resolver asked and got the empty answer once its cached one expired.
         assert run.control is not None and run.control.host_resolver is not None
