@@ -280,7 +280,8 @@ async def test_bad_requests_get_400_with_a_reason_and_change_nothing(
 async def test_beyond_capacity_requests_get_429_at_once() -> None:
     registry = CollectorRegistry()
     clock = ScaledClock(SPEED)
-    capacity, burst, n = 2.0, 10, 40
+    # A slow refill keeps the bound below n even when a loaded machine stretches the run to twice `base`.
+    capacity, burst, n = 0.5, 10, 40
     # A long service time makes "at once" measurable: a queued 429 would take at least this long.
     base = 10.0
     async with (
@@ -294,7 +295,7 @@ async def test_beyond_capacity_requests_get_429_at_once() -> None:
     throttled = [r for r in results if r.outcome == "throttled"]
     assert len(admitted) + len(throttled) == n
     # The burst is admitted, plus at most what refilled while the requests were arriving (all of them had
-    # arrived by the time the last was answered); elapsed is about `base`, so about 20 of the 40 are throttled.
+    # arrived by the time the last was answered); elapsed is about `base`, so about 25 of the 40 are throttled.
     assert burst <= len(admitted) <= burst + capacity * elapsed + 1 < n
     assert all(r.latency_s < base for r in throttled)
     assert all(r.latency_s >= base for r in admitted)
