@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from lb.policy import Decision, Policy, Snapshot, Stage, TargetView, ZoneMode
+from lb.policy import Decision, Policy, Snapshot, Stage, TargetView, ZoneMode, confirmed_down
 from lb.targets import TargetState
 
 __all__ = [
@@ -298,6 +298,18 @@ class BuiltinPolicy(Policy):
         )
 
 
+# Data-path confirmation, shared by the limiters (panic, max-ejection, velocity). Three failed connections in
+# a row are the least that is not one unlucky flow, and they come within a second or two at the scenarios'
+# traffic rates; evidence older than the window no longer counts.
+_CONFIRM_FAILURES = 3
+_CONFIRM_WINDOW_S = 30.0
+
+
+def _check_confirm(policy: BuiltinPolicy, failures: int, window_s: float) -> None:
+    policy._require(failures >= 0, f"confirm_failures must be >= 0 (0 = off), got {failures}")
+    policy._require(window_s > 0, f"confirm_window_s must be > 0, got {window_s}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The policies
 
@@ -448,15 +460,23 @@ class Panic(BuiltinPolicy):
     Excluded targets (e.g. flap-suppressed ones) leave the denominator but still get traffic in panic, as
     in Envoy. Source: Envoy `CommonLbConfig.healthy_panic_threshold`, `isHostSetInPanic`
     (research/policies.md 2.1). Envoy also truncates the threshold to whole percent; this keeps it exact.
+    Data-path confirmation (lbsim's addition; `confirm_failures=0` gives the reference behaviour exactly): a
+    target that probes call unhealthy and whose last `confirm_failures` (default 3) real connections failed,
+    the latest within `confirm_window_s` (default 30), is really down (`lb.policy.confirmed_down`).
+    In panic, confirmed-down targets get no traffic: panic is there for health checks that are wrong, and the
+    data path has shown that on these targets they are right.
     """
 
     name = "panic"
-    origin = "Envoy (healthy panic threshold)"
+    origin = "Envoy (healthy panic threshold; data-path confirmation lbsim)"
     threshold_percent: float = 50.0
     fail_traffic: bool = False
+    confirm_failures: int = _CONFIRM_FAILURES
+    confirm_window_s: float = _CONFIRM_WINDOW_S
 
     def _check(self) -> None:
         self._percent("threshold_percent", self.threshold_percent)
+        _check_confirm(self, self.confirm_failures, self.confirm_window_s)
 
     def in_panic(self, targets: Sequence[TargetView], d: Decision) -> bool:
         return self.threshold_percent > 0 and _in_service_percent(targets, d) < self.threshold_percent - _EPS
@@ -467,6 +487,9 @@ class Panic(BuiltinPolicy):
             if self.in_panic(targets, d):
                 for z in zones:
                     escalate(d, z, mode)
+                d.dead.update(
+                    t.id for t in targets if confirmed_down(t, snap.now, self.confirm_failures, self.confirm_window_s)
+                )
 
 
 @dataclass(eq=False)
@@ -485,18 +508,26 @@ class MaxEjection(BuiltinPolicy):
     earliest-unhealthy first, then by id; admitted ones stay out while unhealthy; the others are kept in
     service and counted as withheld (Envoy's `ejections_overflow`). Source: Envoy `DetectorImpl::ejectHost`,
     research/policies.md 2.1 and 2.5.
+    Data-path confirmation (lbsim's addition; `confirm_failures=0` gives the reference behaviour exactly): a
+    target that probes call unhealthy and whose last `confirm_failures` (default 3) real connections failed,
+    the latest within `confirm_window_s` (default 30), is really down (`lb.policy.confirmed_down`).
+    A confirmed-down target leaves service without counting against the cap, so a dead zone cannot use up
+    the cap that protects the rest of the fleet.
     """
 
     name = "max-ejection"
-    origin = "Envoy / gRPC (max ejection percent)"
+    origin = "Envoy / gRPC (max ejection percent; data-path confirmation lbsim)"
     max_percent: float = 10.0
     semantics: Literal["before", "inclusive"] = "inclusive"
     always_eject_one_host: bool = False
+    confirm_failures: int = _CONFIRM_FAILURES
+    confirm_window_s: float = _CONFIRM_WINDOW_S
     _ejected: set[str] = field(default_factory=set, init=False, repr=False)
     _prev_in: set[str] = field(default_factory=set, init=False, repr=False)
 
     def _check(self) -> None:
         self._percent("max_percent", self.max_percent)
+        _check_confirm(self, self.confirm_failures, self.confirm_window_s)
 
     def stage(self) -> int:
         return Stage.CAP
@@ -519,6 +550,8 @@ class MaxEjection(BuiltinPolicy):
         for t in sorted(
             (t for t in out if t.id in self._prev_in and t.id not in self._ejected), key=_candidate_order
         ):
+            if confirmed_down(t, snap.now, self.confirm_failures, self.confirm_window_s):
+                continue  # out of service, but not one of the cap's ejections
             if self.allows(len(self._ejected), len(live)):
                 self._ejected.add(t.id)
             else:
@@ -544,14 +577,21 @@ class Velocity(BuiltinPolicy):
     fit is withheld: the target stays in service, the zone stays published, and it is counted. Source: the
     AWS summary of 2025-10-20 (research/aws-facts.md 2 step 8; no public setting exists, parameters are ours).
     Runs last in each phase (`Stage.ACCOUNT`) so it sees, and charges, every removal of the step.
+    Data-path confirmation (lbsim's addition; `confirm_failures=0` gives the reference behaviour exactly): a
+    target that probes call unhealthy and whose last `confirm_failures` (default 3) real connections failed,
+    the latest within `confirm_window_s` (default 30), is really down (`lb.policy.confirmed_down`).
+    A confirmed-down target leaves at once, free and whatever the floor: its capacity is gone already, and
+    holding it in service only sends traffic to it (and keeps a dead zone published).
     """
 
     name = "velocity"
-    origin = "AWS (post-incident fix; parameters lbsim)"
+    origin = "AWS (post-incident fix; parameters and data-path confirmation lbsim)"
     max_removed_percent: float = 10.0
     window_s: float = 300.0
     floor_percent: float = 50.0
     min_budget: int = 1
+    confirm_failures: int = _CONFIRM_FAILURES
+    confirm_window_s: float = _CONFIRM_WINDOW_S
     _log: deque[tuple[float, int]] = field(default_factory=deque, init=False, repr=False)
     _prev_in: set[str] | None = field(default=None, init=False, repr=False)
     _prev_dns: set[str] | None = field(default=None, init=False, repr=False)
@@ -561,6 +601,7 @@ class Velocity(BuiltinPolicy):
         self._percent("floor_percent", self.floor_percent)
         self._require(self.window_s > 0, f"window_s must be > 0, got {self.window_s}")
         self._require(self.min_budget >= 0, f"min_budget must be >= 0, got {self.min_budget}")
+        _check_confirm(self, self.confirm_failures, self.confirm_window_s)
 
     def stage(self) -> int:
         return Stage.ACCOUNT
@@ -586,7 +627,14 @@ class Velocity(BuiltinPolicy):
         live = snap.registered()
         if self._prev_in is not None:
             leaving = sorted(
-                (t for t in live if t.id in self._prev_in and t.id not in d.in_service), key=_candidate_order
+                (
+                    t
+                    for t in live
+                    if t.id in self._prev_in
+                    and t.id not in d.in_service
+                    and not confirmed_down(t, snap.now, self.confirm_failures, self.confirm_window_s)
+                ),
+                key=_candidate_order,
             )
             if leaving:
                 used = self.used(snap.now)

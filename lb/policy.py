@@ -83,6 +83,9 @@ class Decision:
     suppressed: set[str] = field(default_factory=set)  # targets a policy holds out of service
 
     withheld_subjects: set[tuple[str, str]] = field(default_factory=set)  # (policy, target id or "zone:Z")
+    # Targets no zone mode routes to, not even panic or fail-open: a policy put them here because health
+    # checks and the data path agree they are down (see `confirmed_down`).
+    dead: set[str] = field(default_factory=set)
 
     def withhold(self, policy: str, subject: str | None = None, n: int = 1) -> None:
         """Record that `policy` kept `subject` (a target, or "zone:NAME") from being removed at this step."""
@@ -90,6 +93,25 @@ class Decision:
             self.withheld[policy] += n
             if subject is not None:
                 self.withheld_subjects.add((policy, subject))
+
+
+def confirmed_down(t: TargetView, now: float, failures: int, window_s: float) -> bool:
+    """Whether the data path confirms what the health checks say: `t` is unhealthy by probes, its last
+    `failures` real connections all failed (none served since) and the latest failed within `window_s`.
+
+    Limiters use it to tell a real failure from a false one. The 2025-10-20 failure mode was the health-check
+    signal itself going wrong (late probes, flapping) while targets served, so the evidence that overrides a
+    limit must be independent of that signal. Stale evidence expires, so a target that stopped getting
+    traffic long ago is judged by its probes alone again. `failures` = 0 never confirms anything.
+    """
+    s = t.passive
+    return (
+        failures > 0
+        and t.state == TargetState.UNHEALTHY
+        and s.consecutive_failures >= failures
+        and s.last_failure_at is not None
+        and now - s.last_failure_at <= window_s
+    )
 
 
 class Stage(IntEnum):
@@ -213,7 +235,7 @@ def route_sets(snap: Snapshot, d: Decision) -> dict[str, tuple[str, ...]]:
         if mode == ZoneMode.FAIL_CLOSED:
             chosen: list[str] = []
         elif mode in (ZoneMode.FAIL_OPEN, ZoneMode.PANIC):
-            chosen = [t.id for t in candidates]
+            chosen = [t.id for t in candidates if t.id not in d.dead]
         else:
             chosen = [t.id for t in candidates if t.id in d.in_service]
         out[zone] = tuple(sorted(chosen))

@@ -41,6 +41,7 @@ from lb.policy import (
     Stage,
     TargetView,
     ZoneMode,
+    confirmed_down,
 )
 from lb.targets import TargetState
 
@@ -850,3 +851,98 @@ def test_cross_phase_pairs_mean_the_same() -> None:
             [{"a": "HHH", "b": "HHH"}, {"a": "UUU", "b": "HUH"}, {"a": "UUU", "b": "UUU"}]
         ):
             assert a.step(t, fleet) == b.step(t, fleet)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data-path confirmation: limiters let a failure through when real traffic agrees with the probes
+
+
+def _dead(at: float, failures: int = 3) -> PassiveStats:
+    """What the data path shows of a target whose last `failures` connections failed, the latest at `at`."""
+    return PassiveStats(consecutive_failures=failures, successes=10, failures=failures, last_failure_at=at)
+
+
+@pytest.mark.parametrize(
+    ("state", "stats", "now", "failures", "expected"),
+    [
+        (U, _dead(10.0), 10.0, 3, True),
+        (U, _dead(10.0), 40.0, 3, True),  # exactly the window old
+        (U, _dead(10.0), 40.5, 3, False),  # stale evidence no longer counts
+        (U, _dead(10.0, failures=2), 10.0, 3, False),  # too few in a row
+        (H, _dead(10.0), 10.0, 3, False),  # probes say healthy: nothing to confirm
+        (INIT, _dead(10.0), 10.0, 3, False),  # never admitted: nothing to confirm
+        (U, PassiveStats(), 10.0, 3, False),  # no traffic, no evidence
+        (U, _dead(10.0), 10.0, 0, False),  # switched off
+    ],
+)
+def test_confirmed_down_needs_unhealthy_probes_and_recent_failed_connections(
+    state: TargetState, stats: PassiveStats, now: float, failures: int, expected: bool
+) -> None:
+    t = TargetView("a0", "a", state, 0.0, stats)
+    assert confirmed_down(t, now, failures, window_s=30.0) is expected
+
+
+def test_velocity_lets_a_confirmed_failure_through_free_and_below_the_floor() -> None:
+    v = Velocity(max_removed_percent=10, floor_percent=80)  # 1 of 10 per window, keep 8 in service
+    drv = Driver([v])
+    ids = [f"a{i}" for i in range(10)]
+    drv.step(0, {"a": "H" * 10})
+    # a0..a2 fail their probes and real traffic to them fails too; a3 only fails its probes
+    passive = {tid: _dead(4.0) for tid in ("a0", "a1", "a2")}
+    plan = drv.step(5, {"a": "UUUU" + "H" * 6}, passive)
+    assert out_of_service(plan, ids) == {"a0", "a1", "a2"}  # below the floor of 8: they are gone anyway
+    assert plan.withheld == {"velocity": 1}  # a3 would break the floor
+    assert v.used(5) == 0  # the confirmed three were not charged
+    v.set_param("floor_percent", 0)
+    plan = drv.step(6, {"a": "UUUU" + "H" * 6}, passive)
+    assert out_of_service(plan, ids) == {"a0", "a1", "a2", "a3"}  # a3 takes the one unit of budget
+    plan = drv.step(7, {"a": "UUUUU" + "H" * 5}, passive)  # a4 fails probes only: the budget is spent
+    assert "a4" in plan.in_service and plan.withheld == {"velocity": 1}
+
+
+def test_velocity_without_confirmation_holds_the_same_failures() -> None:
+    drv = Driver([Velocity(max_removed_percent=10, floor_percent=80, confirm_failures=0)])
+    ids = [f"a{i}" for i in range(10)]
+    drv.step(0, {"a": "H" * 10})
+    passive = {tid: _dead(4.0) for tid in ("a0", "a1", "a2")}
+    plan = drv.step(5, {"a": "UUU" + "H" * 7}, passive)
+    assert out_of_service(plan, ids) == {"a0"}
+    assert plan.withheld == {"velocity": 2}
+
+
+def test_velocity_lets_a_dead_zone_leave_dns() -> None:
+    """zone-outage: every target of zone a dies; the data path confirms it, so with DNS failover the zone
+    leaves DNS at once (it holds no in-service target any more, so its removal costs nothing)."""
+    drv = Driver([FailOpen(), DnsFailover(), Velocity()])
+    drv.step(0, {"a": "HHHH", "b": "HHHH", "c": "HHHH"})
+    passive = {f"a{i}": _dead(9.0) for i in range(4)}
+    plan = drv.step(10, {"a": "UUUU", "b": "HHHH", "c": "HHHH"}, passive)
+    assert plan.dns == {"a": False, "b": True, "c": True}
+    assert plan.withheld == {}
+
+
+def test_max_ejection_does_not_count_confirmed_failures_against_its_cap() -> None:
+    m = MaxEjection(max_percent=25)  # 1 of 4 ejections by probes alone
+    drv = Driver([m])
+    ids = ["a0", "a1", "a2", "a3"]
+    drv.step(0, {"a": "HHHH"})
+    plan = drv.step(5, {"a": "UUUH"}, {"a0": _dead(4.0), "a1": _dead(4.0)})
+    assert out_of_service(plan, ids) == {"a0", "a1", "a2"}  # a2 is the cap's one ejection
+    assert plan.withheld == {}
+    plan = drv.step(6, {"a": "UUUU"}, {"a0": _dead(4.0), "a1": _dead(4.0)})
+    assert "a3" in plan.in_service and plan.withheld == {"max-ejection": 1}
+
+
+def test_panic_routes_to_every_target_except_the_confirmed_dead() -> None:
+    plan = Driver([Panic()]).step(10, {"a": "HUUU"}, {"a1": _dead(9.0)})
+    assert plan.zone_mode["a"] == ZoneMode.PANIC
+    assert plan.routable["a"] == ("a0", "a2", "a3")  # a2, a3 fail probes but may still serve
+    plan = Driver([Panic(confirm_failures=0)]).step(10, {"a": "HUUU"}, {"a1": _dead(9.0)})
+    assert plan.routable["a"] == ("a0", "a1", "a2", "a3")  # Envoy exactly
+
+
+def test_panic_does_not_route_to_a_dead_zone() -> None:
+    passive = {f"a{i}": _dead(9.0) for i in range(4)}
+    plan = Driver([Panic()]).step(10, {"a": "UUUU", "b": "HHHH"}, passive)
+    assert plan.routable["a"] == ()
+    assert plan.routable["b"] == ("b0", "b1", "b2", "b3")
