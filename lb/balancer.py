@@ -53,6 +53,7 @@ class BalancerConfig:
     terminate_unhealthy_connections: bool = True  # NLB default: RST live flows of an unhealthy target
     evaluate_interval_s: float = 1.0  # time-driven policies (velocity windows, damping decay) re-evaluate this often
     connect_timeout_s: float = 10.0
+    idle_timeout_s: float | None = 350.0  # NLB's TCP idle timeout; None: flows never time out
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,9 @@ class LoadBalancer:
                     choose=self._chooser(zone),
                     on_outcome=self._on_connection,
                     connect_timeout_s_wall=self.clock.to_wall(self.config.connect_timeout_s),
+                    idle_timeout_s_wall=(
+                        None if self.config.idle_timeout_s is None else self.clock.to_wall(self.config.idle_timeout_s)
+                    ),
                 )
                 node_host = (hosts or {}).get(zone, host)
                 port = await proxy.start(node_host, shared if shared is not None else (ports or {}).get(zone, 0))

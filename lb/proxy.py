@@ -18,6 +18,8 @@ Life of a flow:
 5. Errors: an upstream RST is passed on as an RST to the client (`upstream_reset`), a client RST as an RST to
    the upstream (`client_reset`). `close_target` and `stop` RST both sides (`terminated`; NLB's connection
    termination for unhealthy targets, research/aws-facts.md 4.1/4.4).
+6. Idle timeout (optional; NLB's is 350 s, settable 60-6000 s): a connected flow on which no byte moved either
+   way for that long is reset on both sides (`idle_timeout`), so a silent target cannot hold a flow forever.
 
 The first abnormal event decides a flow's outcome; later ones (for example the RST we provoke on the other
 side) do not overwrite it. One `ConnectionReport` per accepted connection is handed to `on_outcome`, exactly
@@ -48,6 +50,9 @@ from lb.targets import Target
 _RST_LINGER = struct.pack("ii", 1, 0)
 
 DEFAULT_CONNECT_TIMEOUT_S_WALL = 10.0
+# How often, in idle timeouts, the idle sweep runs: a flow is reset between 1 and 1.25 idle timeouts after its
+# last byte, and the per-chunk path keeps no timestamps (the sweep compares byte counts between sweeps).
+_IDLE_SWEEPS_PER_TIMEOUT = 4
 # 64 KiB is the default high-water mark of both loops; we set it (and low = high / 4) explicitly because
 # uvloop's default low-water mark is 16 *bytes*, which would wake the paused side for every tiny drain.
 DEFAULT_WRITE_BUFFER_HIGH = 64 * 1024
@@ -66,6 +71,7 @@ class ConnOutcome(StrEnum):
     UPSTREAM_RESET = "upstream_reset"  # the target's side failed (RST, broken pipe): client reset
     NO_RESPONSE = "no_response"  # the target sent EOF without a single byte although the client had sent some
     CLIENT_RESET = "client_reset"  # the client's side failed (RST, broken pipe): target reset
+    IDLE_TIMEOUT = "idle_timeout"  # no byte either way for the idle timeout (NLB: 350 s): both sides reset
     TERMINATED = "terminated"  # close_target() or stop(): both sides reset
 
 
@@ -124,18 +130,23 @@ class NodeProxy:
         on_outcome: Callable[[ConnectionReport], None],
         connect_timeout_s_wall: float = DEFAULT_CONNECT_TIMEOUT_S_WALL,
         *,
+        idle_timeout_s_wall: float | None = None,
         backlog: int = DEFAULT_BACKLOG,
         write_buffer_high: int = DEFAULT_WRITE_BUFFER_HIGH,
         early_data_limit: int = DEFAULT_EARLY_DATA_LIMIT,
     ) -> None:
         if connect_timeout_s_wall <= 0:
             raise ValueError(f"connect_timeout_s_wall must be > 0, got {connect_timeout_s_wall}")
+        if idle_timeout_s_wall is not None and not idle_timeout_s_wall > 0:
+            raise ValueError(f"idle_timeout_s_wall must be > 0 or None, got {idle_timeout_s_wall}")
         if write_buffer_high < 1 or early_data_limit < 1:
             raise ValueError("write_buffer_high and early_data_limit must be >= 1")
         self.zone = zone
         self._choose = choose
         self._on_outcome = on_outcome
         self._connect_timeout = connect_timeout_s_wall
+        self._idle_timeout = idle_timeout_s_wall
+        self._sweeper: asyncio.TimerHandle | None = None
         self._backlog = backlog
         self._high = write_buffer_high
         self._low = write_buffer_high // 4
@@ -176,6 +187,8 @@ class NodeProxy:
         self._stopping = False
         self._server = await loop.create_server(self._new_flow, host, port, backlog=self._backlog)
         self._port = int(self._server.sockets[0].getsockname()[1])
+        if self._idle_timeout is not None:
+            self._sweeper = loop.call_later(self._idle_timeout / _IDLE_SWEEPS_PER_TIMEOUT, self._sweep_idle)
         return self._port
 
     async def stop(self) -> None:
@@ -184,6 +197,9 @@ class NodeProxy:
         if server is None:
             return
         self._stopping = True
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
         server.close()
         # A connection the kernel handed to asyncio just before close() reaches connection_made one or two
         # loop iterations later (asyncio accepts in a task), and uvloop frees closed handles on the next
@@ -225,6 +241,27 @@ class NodeProxy:
     def _new_flow(self) -> _Flow:
         return _Flow(self)
 
+    def _sweep_idle(self) -> None:
+        """Reset every connected flow on which no byte moved for the idle timeout (NLB's TCP idle timeout)."""
+        timeout = cast(float, self._idle_timeout)
+        period = timeout / _IDLE_SWEEPS_PER_TIMEOUT
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
+        now = loop.time()
+        for flow in tuple(self._flows):
+            if flow.up_state != _CONNECTED:
+                continue  # connecting flows have the connect timeout; closing ones end by themselves
+            moved = flow.bytes_up + flow.bytes_down
+            if moved != flow.seen_bytes:
+                flow.seen_bytes = moved
+                flow.quiet_since = now
+            # Half a period of slack: sweeps come at multiples of the period, a hair late, never early.
+            elif now - flow.quiet_since >= timeout - period / 2:
+                if flow.outcome is None:
+                    flow.outcome = ConnOutcome.IDLE_TIMEOUT
+                flow.terminate()
+        if not self._stopping:
+            self._sweeper = loop.call_later(period, self._sweep_idle)
+
     def _finished(self, flow: _Flow) -> None:
         self._flows.discard(flow)
         target = flow.target
@@ -255,7 +292,9 @@ class _Flow(asyncio.Protocol):
         "outcome",
         "pending",
         "pending_size",
+        "quiet_since",
         "read_pause",
+        "seen_bytes",
         "t0",
         "target",
         "task",
@@ -290,6 +329,8 @@ class _Flow(asyncio.Protocol):
         self.t0 = 0.0
         self.connect_s = 0.0
         self.done = False
+        self.seen_bytes = -1  # byte count at the last idle sweep; -1: not swept yet
+        self.quiet_since = 0.0
 
     # -- client side ---------------------------------------------------------------------------------------
 

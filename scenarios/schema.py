@@ -175,6 +175,7 @@ class LoadBalancerSpec(_Model):
     deregistration_delay_s: Annotated[Seconds, Field(ge=0, le=3600)] = 300.0  # AWS default
     terminate_unhealthy_connections: Flag = True
     connect_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
+    idle_timeout_s: Annotated[Seconds, Field(gt=0)] = 350.0  # NLB default; AWS allows 60-6000 s
 
 
 class TrafficSpec(_Model):

@@ -652,6 +652,65 @@ def test_upstream_reset_resets_the_client(loop_kind: str) -> None:
     run_on(loop_kind, body)
 
 
+IDLE_S = 0.2  # wall seconds; the proxy sweeps every quarter of it
+
+
+def test_a_silent_flow_is_reset_after_the_idle_timeout(loop_kind: str) -> None:
+    """NLB's idle timeout: no byte either way for IDLE_S resets both sides, 1 to 1.25 timeouts after the last
+    byte (plus the loop's own lag, bounded here by one more sweep period)."""
+
+    async def body() -> None:
+        backend = Backend(Endpoint)
+        bport = await backend.start()
+        h = Harness(fixed(target(bport)), idle_timeout_s_wall=IDLE_S)
+        await h.start()
+        client = await connect(h.port)
+        client.t.write(b"request")
+        srv = await backend.next_conn()
+        await srv.wait_bytes(7)
+        last_byte = asyncio.get_running_loop().time()
+        assert isinstance(await client.lost, ConnectionResetError)
+        silent_for = asyncio.get_running_loop().time() - last_byte
+        assert isinstance(await srv.lost, ConnectionResetError)
+        (report,) = await h.wait_reports(1)
+        assert report.outcome == ConnOutcome.IDLE_TIMEOUT
+        assert IDLE_S <= silent_for <= IDLE_S * 1.25 + IDLE_S / 4 + 0.05
+        await h.stop()
+        await backend.close()
+
+    run_on(loop_kind, body)
+
+
+def test_a_flow_that_keeps_moving_bytes_outlives_the_idle_timeout(loop_kind: str) -> None:
+    async def body() -> None:
+        backend = Backend(lambda: Endpoint(echo=True))
+        bport = await backend.start()
+        h = Harness(fixed(target(bport)), idle_timeout_s_wall=IDLE_S)
+        await h.start()
+        client = await connect(h.port)
+        loop = asyncio.get_running_loop()
+        start, sent = loop.time(), 0
+        while loop.time() - start < 4 * IDLE_S:  # bounded: four idle timeouts of a byte every tenth of one
+            client.t.write(b"x")
+            sent += 1
+            await client.wait_bytes(sent)
+            await asyncio.sleep(IDLE_S / 10)
+        assert not client.lost.done() and h.reports == []
+        client.write_eof()
+        (report,) = await h.wait_reports(1)
+        assert report.outcome == ConnOutcome.OK
+        await h.stop()
+        await backend.close()
+
+    run_on(loop_kind, body)
+
+
+def test_no_idle_timeout_by_default_and_a_bad_one_is_refused() -> None:
+    assert NodeProxy("a", fixed(None), lambda _r: None)._idle_timeout is None
+    with pytest.raises(ValueError, match="idle_timeout_s_wall"):
+        NodeProxy("a", fixed(None), lambda _r: None, idle_timeout_s_wall=0.0)
+
+
 def test_client_reset_resets_the_upstream(loop_kind: str) -> None:
     async def body() -> None:
         backend = Backend(Endpoint)
