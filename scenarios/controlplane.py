@@ -125,7 +125,7 @@ class ControlPlane:
                     ttl_spread=hm.ttl_spread, renew_concurrency=hm.renew_concurrency, workers=hm.workers,
                     item_timeout_s=hm.item_timeout_s, base_service_s=hm.base_service_s, per_depth_s=hm.per_depth_s,
                     max_depth=hm.max_depth, throttle_per_s=hm.throttle_per_s, retry_s=hm.retry_s,
-                    slots_per_host=hm.slots_per_host, key_prefix="host-",
+                    slots_per_host=hm.slots_per_host, key_prefix="host-", hard_cap=hm.hard_cap,
                 ),
                 self.registry,
                 on_event=lambda kind, data: self._on_event(f"hosts_{kind}", "host-manager", data),
@@ -135,7 +135,7 @@ class ControlPlane:
             self.network = NetworkManager(
                 self.clock,
                 NetworkManagerConfig(rate_per_s=nm.rate_per_s, max_depth=nm.max_depth, partial_s=nm.partial_s,
-                                     partial_loss=nm.partial_loss),
+                                     partial_loss=nm.partial_loss, hard_cap=nm.hard_cap),
                 self.registry,
                 on_event=lambda ev: self._on_event(f"network_{ev.kind}", "network-manager", {"depth": ev.depth}),
             )

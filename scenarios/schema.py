@@ -264,6 +264,9 @@ class HostManagerSpec(_Model):
     throttle_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
     retry_s: Annotated[Seconds, Field(gt=0)] = 5.0
     slots_per_host: Annotated[Whole, Field(ge=1, le=1000)] = 4
+    # A memory bound on the recovery queue, not the modelled admission control (`max_depth`): beyond it new
+    # items are dropped and counted (lbsim_host_recovery_dropped_total).
+    hard_cap: Annotated[Whole, Field(ge=1)] = 100_000
 
 
 class NetworkManagerSpec(_Model):
@@ -271,6 +274,9 @@ class NetworkManagerSpec(_Model):
     max_depth: Annotated[Whole, Field(ge=1)] | None = None
     partial_s: Annotated[Seconds, Field(ge=0)] = 0.0
     partial_loss: Annotated[Fraction, Field(ge=0, le=1)] = 0.4
+    # A memory bound on the backlog, not the modelled admission control (`max_depth`): beyond it new items are
+    # dropped and counted (lbsim_netmanager_dropped_total).
+    hard_cap: Annotated[Whole, Field(ge=1)] = 100_000
 
 
 class InstancesSpec(_Model):

@@ -175,6 +175,36 @@ def test_cleanup_deletes_only_plans_more_than_keep_generations_older() -> None:
     assert sorted(store.plans) == [4, 5, 6]
 
 
+def test_the_store_keeps_at_most_max_plans_by_evicting_the_oldest_inactive_one() -> None:
+    planner, store = Planner(RECORDS), PlanStore(max_plans=3)
+    store.add(planner.next(0))
+    for e in ENDPOINTS:
+        store.write(e, 1, 0)  # generation 1 is active everywhere, as while the enactors are blocked
+    for t in range(1, 5):
+        store.add(planner.next(t))
+    assert sorted(store.plans) == [1, 4, 5] and store.plans_evicted == 2
+    # Not a clean-up: no "deleted" event, no emptied record, the store stays consistent.
+    assert "deleted" not in {e.kind for e in store.events}
+    assert not store.inconsistent and no_empty_record(store)
+    a = Enactor("A", store, keep_generations=0)
+    assert a.start(5) == StartOutcome.STARTED and a.plan is not None and a.plan.generation == 5
+    assert a.run_to_end(5) == [1, 4]
+    store.add(planner.next(6))
+    assert sorted(store.plans) == [5, 6] and store.plans_evicted == 2  # below the cap: nothing evicted
+    with pytest.raises(ValueError, match="max_plans"):
+        PlanStore(max_plans=0)
+
+
+def test_the_event_log_keeps_the_newest_max_events_and_counts_every_one() -> None:
+    planner, store = Planner(RECORDS), PlanStore(max_events=2)
+    store.add(planner.next(0))
+    for e in ENDPOINTS:
+        store.write(e, 1, 0)
+    assert [e.endpoint for e in store.events] == list(ENDPOINTS[1:]) and store.events_total == 3
+    with pytest.raises(ValueError, match="max_events"):
+        PlanStore(max_events=0)
+
+
 def test_an_enactor_whose_plan_was_deleted_stops() -> None:
     planner, store = Planner(RECORDS), PlanStore()
     store.add(planner.next(0))
@@ -271,7 +301,7 @@ def interleave(
                 enactor.apply_next(now, ok=bool(y))
             else:
                 enactor.cleanup(now)
-        assert no_empty_record(store), store.events[-5:]
+        assert no_empty_record(store), list(store.events)[-5:]
         if check_cas:
             assert all(g >= before.get(e, g) for e, g in store.applied.items()), "generation went backwards"
             before = dict(store.applied)

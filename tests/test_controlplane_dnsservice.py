@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 import dns.asyncresolver
@@ -125,6 +126,23 @@ def test_the_initial_records_are_published_before_anything_runs() -> None:
         service.delay_enactor("a", 10.0, writes=0)
     with pytest.raises(ValueError):
         service.fail_writes("a", -1)
+
+
+def test_store_events_are_drained_once_each_from_its_bounded_log() -> None:
+    registry = CollectorRegistry()
+    service, _, _ = make(registry=registry)
+    store = service.store
+    store.events = collections.deque(store.events, maxlen=5)  # a small log, so it wraps many times below
+    for gen in range(2, 12):
+        store.add(service.planner.next(float(gen)))
+        for endpoint in service.endpoints:
+            store.write(endpoint, gen, float(gen))
+        store.delete_older_than(gen - 1, float(gen))  # generations 1 to 9, none of them active any more
+        service._drain_events()  # as the service does after every write and clean-up
+    assert service.plans_deleted == 9 and service.records_emptied == 0
+    assert len(store.events) == 5 and store.events_total == 3 + 10 * 3 + 9
+    assert registry.get_sample_value("lbsim_dns_plans_deleted_total") == 9
+    assert registry.get_sample_value("lbsim_dns_plans_evicted_total") == 0
 
 
 # -- on loopback

@@ -18,6 +18,7 @@ from support import LOOPS, open_sockets, run_on, wait_for
 
 from backends.controlplane.clock import SimClock
 from backends.controlplane.hostmanager import (
+    DEFAULT_HARD_CAP,
     HostLeases,
     HostManager,
     HostManagerConfig,
@@ -193,7 +194,7 @@ class QueueSim:
             outcome = self.q.offer(host, self.now)
             if outcome == Offer.REJECTED_THROTTLE:
                 return
-            if outcome == Offer.REJECTED_DEPTH:
+            if outcome in (Offer.REJECTED_DEPTH, Offer.DROPPED):
                 self.to_offer[host] = self.now + self.retry_s
                 continue
             assert outcome == Offer.ACCEPTED, (t, outcome)
@@ -203,8 +204,10 @@ class QueueSim:
 HOSTS = [f"h{i:03d}" for i in range(100)]
 
 
-def queue(max_depth: int | None = None) -> RecoveryQueue:
-    return RecoveryQueue(workers=4, item_timeout_s=10.0, base_service_s=1.0, per_depth_s=0.5, max_depth=max_depth)
+def queue(max_depth: int | None = None, hard_cap: int = DEFAULT_HARD_CAP) -> RecoveryQueue:
+    return RecoveryQueue(
+        workers=4, item_timeout_s=10.0, base_service_s=1.0, per_depth_s=0.5, max_depth=max_depth, hard_cap=hard_cap
+    )
 
 
 def test_queue_is_fifo_with_duplicates_and_depth_dependent_service() -> None:
@@ -297,6 +300,64 @@ def test_flush_alone_collapses_again_but_flush_and_throttle_recover_every_host()
     assert max(sim.recovered.values()) <= flushed_at + bound
     assert q.timeouts == timeouts  # no work wasted after the restart
     assert max(sim.depths[int(100.0 / sim.dt) * 2 :]) < q.collapse_depth()
+
+
+# -- pure core: the hard cap (a memory bound, apart from the modelled admission control)
+
+
+def test_hard_cap_drops_new_items_and_the_depth_never_exceeds_it() -> None:
+    q = RecoveryQueue(workers=2, item_timeout_s=10.0, base_service_s=1.0, per_depth_s=0.5, hard_cap=3)
+    assert [q.offer(h, 0.0) for h in "abcde"] == ["accepted"] * 3 + ["dropped"] * 2
+    assert q.offer("a", 0.0) == Offer.DUPLICATE  # a duplicate is not new work
+    assert (q.depth, q.dropped, q.accepted, q.rejected) == (3, 2, 3, {"depth": 0, "throttle": 0})
+    assert q.start(0.0) == ("a", 2.5) and q.start(0.0) == ("b", 2.5)
+    assert q.offer("d", 1.0) == Offer.DROPPED  # in progress counts towards the depth
+    assert q.timed_out("a", 10.0) and q.depth == 3  # re-queued at the tail: the depth does not grow
+    assert q.offer("d", 10.0) == Offer.DROPPED
+    assert q.finish("b", 10.0, ok=True) and q.depth == 2
+    assert q.offer("d", 10.0) == Offer.ACCEPTED and q.depth == 3  # room again
+    assert q.dropped == 4
+    with pytest.raises(ValueError, match="hard_cap"):
+        RecoveryQueue(workers=1, item_timeout_s=1.0, base_service_s=0.0, per_depth_s=0.0, hard_cap=0)
+
+
+def test_admission_control_takes_precedence_and_a_dropped_item_spends_no_token() -> None:
+    q = queue(max_depth=2, hard_cap=2)
+    assert [q.offer(h, 0.0) for h in "abc"] == ["accepted", "accepted", "rejected-depth"]
+    assert q.dropped == 0  # the modelled mitigation is what the run reports when both apply
+    q = queue(hard_cap=1)
+    q.set_throttle(1.0)
+    assert q.offer("a", 0.0) == Offer.ACCEPTED
+    assert q.offer("b", 5.0) == Offer.DROPPED  # the bucket refilled, and keeps its token
+    assert q.start(5.0) is not None and q.finish("a", 5.0, ok=True)
+    assert q.offer("b", 5.0) == Offer.ACCEPTED and q.rejected["throttle"] == 0
+
+
+def test_the_collapse_still_reproduces_under_a_hard_cap_above_its_depth() -> None:
+    cap = 30
+    q = queue(hard_cap=cap)
+    assert q.collapse_depth() < cap < len(HOSTS)
+    sim = QueueSim(q)
+    sim.offer_all(HOSTS, 0.0)
+    sim.run_until(300.0)
+    assert q.goodput == 0 and q.timeouts > 0  # still the congestive collapse
+    assert max(sim.depths) == cap and min(sim.depths[1:]) == cap
+    assert q.dropped > 0
+
+
+def test_below_the_hard_cap_nothing_changes() -> None:
+    runs = []
+    for cap in (DEFAULT_HARD_CAP, len(HOSTS)):
+        q = queue(hard_cap=cap)
+        sim = QueueSim(q)
+        sim.offer_all(HOSTS, 0.0)
+        sim.run_until(100.0)
+        sim.flush()
+        q.set_throttle(0.5)
+        sim.run_until(400.0)
+        runs.append((sim.depths, sim.recovered, q.goodput, q.timeouts, q.dropped))
+    assert runs[0] == runs[1]
+    assert runs[0][4] == 0 and len(runs[0][1]) == len(HOSTS)
 
 
 # -- shell
@@ -510,8 +571,54 @@ def test_a_lease_the_store_forgot_is_recovered_through_the_queue(loop: str) -> N
         ({"ttl_spread": 1.5}, "ttl_spread"),
         ({"renew_interval_s": 200.0}, "renew_interval_s"),
         ({"key_prefix": ""}, "key_prefix"),
+        ({"hard_cap": 0}, "hard_cap"),
     ],
 )
 def test_config_validation_names_the_field(change: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         HostManagerConfig(**change)
+
+
+class StepClock:
+    """A clock the test moves by hand; the shell's tasks are not started, so nothing sleeps."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, sim_seconds: float) -> None:
+        raise AssertionError("no task runs in this test")
+
+    async def sleep_until(self, sim_time: float) -> None:
+        raise AssertionError("no task runs in this test")
+
+    def to_wall(self, sim_seconds: float) -> float:
+        return sim_seconds
+
+
+def test_the_shell_offers_a_dropped_host_again_later_and_counts_the_drop() -> None:
+    clock = StepClock()
+    registry = CollectorRegistry()
+    cfg = replace(CFG, hosts=10, hard_cap=4)
+    m = HostManager(clock, FakeLeaseStore(clock), cfg, registry)
+    clock.t = max(m.lease_table.expiry(h) for h in m.lease_table.hosts) + 1.0  # every lease lapsed
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name)
+
+    m._step(clock.t)  # expire and offer, as the scheduler task would
+    assert m.counts() == {"leased": 0, "expired": 6, "recovering": 4}
+    assert m.queue_depth == 4 and m.recovery.dropped == 1  # the rest wait: no room until items leave
+    assert sample("lbsim_host_recovery_dropped_total") == 1 and sample("lbsim_host_recovery_queue_depth") == 4
+    clock.t += cfg.retry_s
+    m._step(clock.t)
+    assert m.queue_depth == 4 and m.recovery.dropped == 2
+    item = m.recovery.start(clock.t)  # one item done: room for one more
+    assert item is not None
+    m._finished(item[0], clock.t, Result(True, "ok", 0.0))
+    clock.t += cfg.retry_s
+    m._step(clock.t)
+    assert m.counts() == {"leased": 1, "expired": 5, "recovering": 4} and m.queue_depth == 4
+    assert sample("lbsim_host_recovery_dropped_total") == 3

@@ -336,6 +336,38 @@ def test_network_admission_rejection_cleans_the_launch_up() -> None:
     run_on("asyncio", body)
 
 
+def test_terminated_records_are_capped_and_still_counted() -> None:
+    async def body() -> None:
+        clock, registry = ScaledClock(SPEED), CollectorRegistry()
+        targets = Targets(speed=SPEED, registry=registry)
+        net = NetworkManager(clock, NetworkManagerConfig(), registry)
+        fleet = InstanceFleet(clock, targets, SwitchPlacement(100), net, registry, InstanceConfig(max_terminated=2))
+        try:
+            ids = []
+            for _ in range(5):
+                # The synchronous start of a launch (placed, launching, no backend yet), then its termination.
+                inst = fleet._begin("a")
+                assert isinstance(inst, Instance)
+                await fleet.terminate(inst.id)
+                ids.append(inst.id)
+            assert [i.id for i in fleet.instances()] == ids[-2:]  # the newest records are kept
+            assert fleet.counts()["terminated"] == 5 and fleet.forgotten == 3
+            assert registry.get_sample_value("lbsim_instances", {"state": "terminated"}) == 5
+            assert registry.get_sample_value("lbsim_instance_records_dropped_total") == 3
+            with pytest.raises(UnknownInstance):
+                fleet.instance(ids[0])
+            live = fleet._begin("a")
+            assert isinstance(live, Instance) and live.id not in ids  # ids are never reused
+            assert fleet.instance(live.id) is live and fleet.forgotten == 3  # a live record is never dropped
+        finally:
+            await fleet.close()
+            await targets.close()
+        with pytest.raises(ValueError, match="max_terminated"):
+            InstanceConfig(max_terminated=0)
+
+    run_on("asyncio", body)
+
+
 def test_terminate_while_launching_aborts_the_launch() -> None:
     async def body() -> None:
         async with Rig(cfg=InstanceConfig(launch_time_s=30.0)) as rig:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from support import LOOPS, open_sockets, run_on, wait_for
 
 from backends.controlplane.netmanager import (
+    DEFAULT_HARD_CAP,
     Item,
     ItemKind,
     NetEvent,
@@ -123,6 +124,46 @@ def test_admission_control_rejects_at_max_depth() -> None:
         q.set_max_depth(-1)
 
 
+def test_hard_cap_drops_new_items_and_counts_them_apart_from_admission() -> None:
+    q = PropagationQueue(1.0, hard_cap=3)
+    fill(q, 3)
+    assert not q.enqueue(launch("x", 0), 0) and not q.enqueue(Item("y", ItemKind.TERMINATE, 0), 0)
+    assert (q.depth, q.dropped, q.rejected) == (3, 2, 0)
+    assert [i.instance_id for i in q.items()] == ["i0", "i1", "i2"]  # what was queued stays, in order
+    assert [p.item.instance_id for p in q.advance(1.0)] == ["i0"]
+    assert q.enqueue(launch("z", 1.0), 1.0) and q.depth == 3  # room again
+    q.set_max_depth(3)  # both apply at depth 3: the modelled admission control is what is counted
+    assert not q.enqueue(launch("w", 1.0), 1.0) and (q.rejected, q.dropped) == (1, 2)
+    with pytest.raises(ValueError, match="hard_cap"):
+        PropagationQueue(1.0, hard_cap=0)
+
+
+def test_depth_never_exceeds_the_hard_cap_under_any_arrivals() -> None:
+    rng = random.Random(7)
+    cap = 50
+    q = PropagationQueue(2.0, hard_cap=cap)
+    accepted = now = 0
+    for k in range(5_000):
+        now += 0.1
+        for _ in range(rng.randrange(4)):  # up to 3 arrivals per 0.1 s against 0.2 served: overload
+            accepted += q.enqueue(launch(f"i{k}-{accepted}", now), now)
+        q.advance(now)
+        assert q.depth <= cap
+    assert q.dropped > 0 and q.rejected == 0
+    assert accepted == q.depth + sum(q.processed.values())  # nothing accepted is lost
+
+
+def test_below_the_hard_cap_nothing_changes() -> None:
+    capped, default = PropagationQueue(1.5, partial_s=2.0, hard_cap=200), PropagationQueue(1.5, partial_s=2.0)
+    assert default.hard_cap == DEFAULT_HARD_CAP
+    out = []
+    for q in (capped, default):
+        fill(q, 200)
+        out.append([(p.item.instance_id, p.at, p.partial_until) for t in range(1, 150) for p in q.advance(t * 0.7)])
+        assert q.dropped == 0 and q.depth == 200 - len(out[-1])
+    assert out[0] == out[1] and len(out[0]) == math.floor(1.5 * 149 * 0.7 + 1e-9)
+
+
 def test_delay_is_time_from_enqueue_to_service() -> None:
     q = PropagationQueue(1.0)
     for k in range(4):
@@ -174,7 +215,7 @@ def test_rate_change_credits_elapsed_time_at_the_old_rate() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"rate_per_s": -1}, {"rate_per_s": math.inf}, {"max_depth": -2}, {"partial_s": -1}, {"partial_loss": 1.5},
-     {"tick_s": 0}, {"backlog_threshold": 0}],
+     {"tick_s": 0}, {"backlog_threshold": 0}, {"hard_cap": 0}],
 )
 def test_bad_config_is_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -265,6 +306,36 @@ def test_admission_and_rate_controls_of_the_shell() -> None:
             assert sample(registry, "lbsim_netmanager_rate_per_second") == 50.0
 
     run_on("asyncio", body)
+
+
+class StepClock:
+    """A clock the test sets by hand: submitting is synchronous, and no task is started."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, sim_seconds: float) -> None:
+        raise AssertionError("no task runs in this test")
+
+    async def sleep_until(self, sim_time: float) -> None:
+        raise AssertionError("no task runs in this test")
+
+    def to_wall(self, sim_seconds: float) -> float:
+        return sim_seconds
+
+
+def test_the_shell_refuses_past_the_hard_cap_and_exports_the_drops() -> None:
+    registry = CollectorRegistry()
+    net = NetworkManager(StepClock(), NetworkManagerConfig(rate_per_s=1.0, hard_cap=2), registry)
+    assert [net.submit_launch(f"i{k}") for k in range(4)] == [True, True, False, False]
+    assert not net.submit_terminate("i0")
+    assert net.depth == 2
+    assert sample(registry, "lbsim_netmanager_dropped_total") == 3
+    assert sample(registry, "lbsim_netmanager_rejected_total") == 0
+    assert sample(registry, "lbsim_netmanager_backlog") == 2
 
 
 def test_a_failing_apply_does_not_stop_the_queue() -> None:

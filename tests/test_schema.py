@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from backends.controlplane import hostmanager, netmanager
 from scenarios.schema import (
     Event,
     ScenarioError,
@@ -57,6 +58,10 @@ def write(tmp_path: Path, text: str) -> str:
          "timeline.0.control", "must be one of ['delay-enactor'"),
         ("name: x\ncontrol_plane: {network_manager: {rate_per_s: -2}}\n", "control_plane.network_manager.rate_per_s",
          "greater than 0"),
+        ("name: x\ncontrol_plane: {network_manager: {hard_cap: 0}}\n", "control_plane.network_manager.hard_cap",
+         "greater than or equal to 1"),
+        ("name: x\ncontrol_plane: {host_manager: {hard_cap: 0}}\n", "control_plane.host_manager.hard_cap",
+         "greater than or equal to 1"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: network_manager, action: set-rate, "
          "rate_per_s: -1}}]\n", "timeline.0.control.rate_per_s", "greater than 0"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: -5, control: {component: dns, action: restore}}]\n",
@@ -232,6 +237,14 @@ def test_a_fleet_may_start_empty_if_something_adds_targets() -> None:
     launched = parse_scenario({**BASE, "targets_per_zone": 0, "control_plane": {"instances": {"desired_per_zone": 2}},
                                "timeline": [{"at": 1, "targets": ["a-i0"], "path": {"state": "open"}}]}, "f")
     assert launched.timeline[0].targets == ["a-i0"]
+
+
+def test_the_queues_hard_caps_default_to_the_cores_and_can_be_set() -> None:
+    cp = parse_scenario({**BASE, "control_plane": {"network_manager": {"hard_cap": 7}}}, "f").control_plane
+    assert cp is not None
+    assert cp.host_manager.hard_cap == hostmanager.DEFAULT_HARD_CAP == hostmanager.HostManagerConfig().hard_cap
+    assert netmanager.NetworkManagerConfig().hard_cap == netmanager.DEFAULT_HARD_CAP
+    assert cp.network_manager.hard_cap == 7
 
 
 def test_zone_names_with_dashes_and_digits_make_target_ids() -> None:

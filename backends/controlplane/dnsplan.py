@@ -30,17 +30,28 @@ Protections, each a switch in `Protections` (commentators' fixes, not AWS's publ
     current record's addresses. When a deletion would empty a record, the record keeps its addresses, but the
     applied plan is still gone, so the store is still inconsistent: the guard saves the data plane, not the
     control plane.
+Memory bounds, not part of the model: while nothing cleans up (inconsistent store, enactors paused or delayed)
+the planner still adds a plan every interval, so the store keeps at most `max_plans`; past it the oldest plan
+active on no endpoint is evicted silently (no "deleted" event, no emptied record), counted in `plans_evicted`.
+`events` keeps the newest `max_events`; `events_total` counts every event ever logged.
 No I/O and no clock reads: the caller passes `now`, so unit tests or a virtual-time engine can drive it.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 # An endpoint's record set: address -> weight.
 Records = Mapping[str, int]
+
+# Far above what clean-ups leave (keep_generations <= 1000 in scenarios, plus one active plan per endpoint), so
+# the bound only bites when nothing cleans up for max_plans planner intervals.
+DEFAULT_MAX_PLANS = 10_000
+# Readers drain the log after every write or clean-up, so only a log nobody reads loses anything to this.
+DEFAULT_MAX_EVENTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,13 +148,25 @@ class Planner:
 class PlanStore:
     """The plans by generation, and the published records (Route 53) with the generation each endpoint has."""
 
-    def __init__(self, protections: Protections | None = None) -> None:
+    def __init__(
+        self,
+        protections: Protections | None = None,
+        max_plans: int = DEFAULT_MAX_PLANS,
+        max_events: int = DEFAULT_MAX_EVENTS,
+    ) -> None:
+        if max_plans < 1:
+            raise ValueError(f"max_plans must be >= 1, got {max_plans}")
+        if max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {max_events}")
         self.protections = protections or Protections()
+        self.max_plans = max_plans
+        self.plans_evicted = 0
         self.plans: dict[int, Plan] = {}
         self.applied: dict[str, int] = {}  # endpoint -> generation of the plan it currently has
         self.published: dict[str, dict[str, int]] = {}  # endpoint -> records; absent = never published
         self.orphaned: set[str] = set()  # endpoints whose applied plan was deleted (the inconsistent state)
-        self.events: list[Event] = []
+        self.events: collections.deque[Event] = collections.deque(maxlen=max_events)
+        self.events_total = 0  # ever logged, including those the bounded log has since let go
 
     # -- reading
 
@@ -169,12 +192,21 @@ class PlanStore:
         if plan.generation in self.plans:
             raise ValueError(f"plan generation {plan.generation} already stored")
         self.plans[plan.generation] = plan
+        if len(self.plans) > self.max_plans:
+            # The new plan is active nowhere yet, so there is always a plan to evict.
+            active = set(self.applied.values())
+            del self.plans[min(g for g in self.plans if g not in active)]
+            self.plans_evicted += 1
 
     def write(self, endpoint: str, generation: int, now: float, actor: str = "") -> WriteOutcome:
         """One enactor write of plan `generation` to `endpoint` (a Route 53 transaction)."""
         outcome = self._write(endpoint, generation)
-        self.events.append(Event(now, outcome.value, endpoint, generation, actor))
+        self._log(Event(now, outcome.value, endpoint, generation, actor))
         return outcome
+
+    def _log(self, event: Event) -> None:
+        self.events.append(event)
+        self.events_total += 1
 
     def _write(self, endpoint: str, generation: int) -> WriteOutcome:
         if self.inconsistent:
@@ -214,14 +246,14 @@ class PlanStore:
                 continue
             del self.plans[gen]
             deleted.append(gen)
-            self.events.append(Event(now, "deleted", None, gen, actor))
+            self._log(Event(now, "deleted", None, gen, actor))
             for endpoint in sorted(e for e, g in self.applied.items() if g == gen):
                 self.orphaned.add(endpoint)
                 if self._guard_allows(endpoint, {}):
                     self.published[endpoint] = {}
-                    self.events.append(Event(now, "emptied", endpoint, gen, actor))
+                    self._log(Event(now, "emptied", endpoint, gen, actor))
                 else:
-                    self.events.append(Event(now, "guard-kept", endpoint, gen, actor))
+                    self._log(Event(now, "guard-kept", endpoint, gen, actor))
         return deleted
 
     def restore(self, now: float, endpoints: Iterable[str] | None = None, actor: str = "operator") -> Plan | None:
@@ -234,7 +266,7 @@ class PlanStore:
         for endpoint in targets:
             self.published[endpoint] = dict(plan.records.get(endpoint, {}))
             self.applied[endpoint] = plan.generation
-            self.events.append(Event(now, "restored", endpoint, plan.generation, actor))
+            self._log(Event(now, "restored", endpoint, plan.generation, actor))
         self.orphaned.clear()
         return plan
 

@@ -29,9 +29,10 @@ The asyncio shell around `dnsplan` (the pure core). Rules:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,7 +212,7 @@ class DnsService:
         self._running = asyncio.Event()
         self._running.set()
         self._refusal_noted = False
-        self._seen_events = len(self.store.events)
+        self._seen_events = self.store.events_total
         self.writes: dict[tuple[str, WriteOutcome], int] = {
             (name, outcome): 0 for name in config.enactors for outcome in WriteOutcome
         }
@@ -231,7 +232,7 @@ class DnsService:
         return self._endpoints
 
     @property
-    def events(self) -> list[Event]:
+    def events(self) -> Sequence[Event]:
         return self.store.events
 
     @property
@@ -488,14 +489,16 @@ class DnsService:
     def _drain_events(self) -> None:
         """Count the store's new events and report the notable ones."""
         events = self.store.events
-        for event in events[self._seen_events :]:
+        # The store's log is bounded, so count from its running total rather than index into it.
+        fresh = min(self.store.events_total - self._seen_events, len(events))
+        for event in itertools.islice(events, len(events) - fresh, None):
             if event.kind == "deleted":
                 self.plans_deleted += 1
             elif event.kind in ("emptied", "guard-kept"):
                 self.records_emptied += event.kind == "emptied"
                 fields = {"at": event.at, "endpoint": event.endpoint, "generation": event.generation}
                 self._emit(event.kind, by=event.actor, **fields)
-        self._seen_events = len(events)
+        self._seen_events = self.store.events_total
 
     def _note_refusal(self, enactor: str, step: str) -> None:
         if not self._refusal_noted:
@@ -555,6 +558,9 @@ class _ServiceCollector(Collector):
         )
         deleted = CounterMetricFamily("lbsim_dns_plans_deleted", "DNS plans deleted by enactor clean-ups")
         emptied = CounterMetricFamily("lbsim_dns_records_emptied", "Records emptied by deleting their active plan")
+        evicted = CounterMetricFamily(
+            "lbsim_dns_plans_evicted", "DNS plans evicted at the plan store's hard cap (a memory bound, not a clean-up)"
+        )
         queries = CounterMetricFamily(
             "lbsim_dns_queries",
             "DNS questions answered by outcome (answered, empty, nxdomain, error)",
@@ -570,8 +576,9 @@ class _ServiceCollector(Collector):
                 writes.add_metric([enactor, outcome.value], n)
             deleted.add_metric([], s.plans_deleted)
             emptied.add_metric([], s.records_emptied)
+            evicted.add_metric([], s.store.plans_evicted)
             c = s.server.counters
             by_outcome = {"answered": c.answered, "empty": c.empty, "nxdomain": c.nxdomain, "error": c.errors}
             for label, n in by_outcome.items():
                 queries.add_metric([label], n)
-        yield from (generation, applied, addresses, inconsistent, writes, deleted, emptied, queries)
+        yield from (generation, applied, addresses, inconsistent, writes, deleted, emptied, evicted, queries)

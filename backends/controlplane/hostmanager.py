@@ -26,7 +26,10 @@ Rules of this model:
    progress at most. Admission (`offer`): an item already queued or in progress is a duplicate; with `max_depth`
    an item that would make the depth exceed it is rejected (AWS remediation 4: rate-limit intake by queue size);
    with `throttle_per_s` intake is a token bucket (burst max(1, rate)) and an item without a token is rejected
-   (the operators' 04:14 throttle). Depth = queued + in progress.
+   (the operators' 04:14 throttle). Depth = queued + in progress. Separately from that modelled admission
+   control, `hard_cap` is a safety bound on memory, not part of the model: an item that would take the depth
+   past it is dropped (`Offer.DROPPED`, counted in `dropped`) and the caller offers the host again later. A
+   timed-out item goes back to the queue without changing the depth, so the depth never exceeds the cap.
 5. An item started at depth d is modelled to take base_service_s + per_depth_s * d (the state-check work grows
    with the backlog, as DWFM's did), then a store round trip. An item not done by item_timeout_s after its start
    is abandoned and RE-QUEUED at the tail: its work is wasted. A failed item (store unreachable) leaves the
@@ -73,6 +76,10 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 # Rounding in the refill must not make a retry at exactly the computed time find 0.9999999 tokens.
 _ONE_TOKEN = 1.0 - 1e-9
 
+# The recovery queue's hard cap by default: far above any fleet the schema allows (5000 hosts, one item each),
+# so it never changes a modelled run; it only keeps a misconfigured or runaway one from growing without limit.
+DEFAULT_HARD_CAP = 100_000
+
 # The lease store's outcomes, exported with zeros so that no renewal series appears out of nowhere.
 STORE_OUTCOMES = ("ok", "conflict", "not_found", "throttled", "unavailable", "unresolvable", "timeout", "error")
 
@@ -109,6 +116,7 @@ class Offer(StrEnum):
     REJECTED_DEPTH = "rejected-depth"
     REJECTED_THROTTLE = "rejected-throttle"
     DUPLICATE = "duplicate"
+    DROPPED = "dropped"  # the hard cap (a safety bound, not the modelled admission control)
 
 
 def _positive(name: str, value: float) -> None:
@@ -119,6 +127,11 @@ def _positive(name: str, value: float) -> None:
 def _non_negative(name: str, value: float) -> None:
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _check_hard_cap(hard_cap: int) -> None:
+    if hard_cap < 1:
+        raise ValueError(f"hard_cap must be >= 1, got {hard_cap}")
 
 
 def host_ids(hosts: int) -> list[str]:
@@ -314,9 +327,11 @@ class RecoveryQueue:
         per_depth_s: float,
         max_depth: int | None = None,
         throttle_per_s: float | None = None,
+        hard_cap: int = DEFAULT_HARD_CAP,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        _check_hard_cap(hard_cap)
         _positive("item_timeout_s", item_timeout_s)
         _non_negative("base_service_s", base_service_s)
         _non_negative("per_depth_s", per_depth_s)
@@ -324,6 +339,7 @@ class RecoveryQueue:
         self.item_timeout_s = item_timeout_s
         self.base_service_s = base_service_s
         self.per_depth_s = per_depth_s
+        self.hard_cap = hard_cap
         self.max_depth: int | None = None
         self.throttle_per_s: float | None = None
         self.set_max_depth(max_depth)
@@ -337,6 +353,7 @@ class RecoveryQueue:
         self.duplicates = 0
         self.flushed = 0
         self.rejected: dict[str, int] = {"depth": 0, "throttle": 0}
+        self.dropped = 0  # offers refused by the hard cap
         self.last_service_s = 0.0
 
     # -- reading
@@ -397,6 +414,11 @@ class RecoveryQueue:
         if self.max_depth is not None and self.depth + 1 > self.max_depth:
             self.rejected["depth"] += 1
             return Offer.REJECTED_DEPTH
+        # After admission control, so the modelled mitigation is what a run reports whenever it applies; before
+        # the throttle, so a dropped item spends no token.
+        if self.depth >= self.hard_cap:
+            self.dropped += 1
+            return Offer.DROPPED
         if self.throttle_per_s is not None:
             self._refill(now)
             if self._tokens < _ONE_TOKEN:
@@ -471,6 +493,7 @@ class HostManagerConfig:
     retry_s: float = 5.0  # renewal retries, offers rejected for depth and failed acquires wait this long
     slots_per_host: int = 4
     key_prefix: str = "host-"
+    hard_cap: int = DEFAULT_HARD_CAP  # recovery items beyond it are dropped: a memory bound, not admission control
 
     def __post_init__(self) -> None:
         for name in ("hosts", "renew_concurrency", "workers", "slots_per_host"):
@@ -488,6 +511,7 @@ class HostManagerConfig:
             raise ValueError(f"max_depth must be >= 1 or None, got {self.max_depth}")
         if self.throttle_per_s is not None:
             _positive("throttle_per_s", self.throttle_per_s)
+        _check_hard_cap(self.hard_cap)
         if not self.key_prefix:
             raise ValueError("key_prefix must not be empty")
 
@@ -533,7 +557,13 @@ class HostManager:
         self.lease_table = self._new_lease_table()
         self.placement = Placement(self.lease_table, cfg.slots_per_host)
         self.recovery = RecoveryQueue(
-            cfg.workers, cfg.item_timeout_s, cfg.base_service_s, cfg.per_depth_s, cfg.max_depth, cfg.throttle_per_s
+            cfg.workers,
+            cfg.item_timeout_s,
+            cfg.base_service_s,
+            cfg.per_depth_s,
+            cfg.max_depth,
+            cfg.throttle_per_s,
+            cfg.hard_cap,
         )
         self.renewals: collections.Counter[str] = collections.Counter()
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -673,8 +703,13 @@ class HostManager:
             outcome = self.recovery.offer(host, now)
             if outcome == Offer.REJECTED_THROTTLE:
                 return self.recovery.next_admission(now)  # the rest stay due
-            if outcome == Offer.REJECTED_DEPTH:
-                for _, later in due[i:]:  # no room for any of them until items leave
+            if outcome in (Offer.REJECTED_DEPTH, Offer.DROPPED):
+                if outcome == Offer.DROPPED and self.recovery.dropped == 1:
+                    log.warning("host manager: recovery queue at its hard cap (%d items); dropping offers",
+                                self.recovery.hard_cap)
+                # No room for any of them until items leave. A dropped host stays expired and in `_to_offer`
+                # (one entry per host, so bounded by the fleet): only the work item is dropped, not the host.
+                for _, later in due[i:]:
                     self._to_offer[later] = now + self.config.retry_s
                 return None
             del self._to_offer[host]
@@ -834,6 +869,10 @@ class HostManagerCollector(Collector):
             "Lease recovery items refused at intake, by reason (depth: admission control, throttle)",
             labels=["reason"],
         )
+        dropped = CounterMetricFamily(
+            "lbsim_host_recovery_dropped",
+            "Lease recovery items dropped at the queue's hard cap (a memory bound, not admission control)",
+        )
         renewals = CounterMetricFamily(
             "lbsim_host_lease_renewals", "Lease renewals by lease store outcome", labels=["outcome"]
         )
@@ -855,9 +894,10 @@ class HostManagerCollector(Collector):
             timeouts.add_metric([], q.timeouts)
             for reason, n in sorted(q.rejected.items()):
                 rejected.add_metric([reason], n)
+            dropped.add_metric([], q.dropped)
             for outcome in sorted(set(STORE_OUTCOMES) | set(m.renewals)):
                 renewals.add_metric([outcome], m.renewals[outcome])
             placements.add_metric(["placed"], m.placement.placed)
             placements.add_metric(["insufficient_capacity"], m.placement.insufficient)
             service.add_metric([], q.last_service_s)
-        yield from (leases, depth, goodput, timeouts, rejected, renewals, placements, service)
+        yield from (leases, depth, goodput, timeouts, rejected, dropped, renewals, placements, service)

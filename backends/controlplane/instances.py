@@ -21,6 +21,9 @@ Rules of this model:
    nothing, so the next tick simply tries again.
 4. Terminate: release the host, submit a terminate item (if the instance's network was ever configured),
    remove the backend, then `on_terminated` (if `on_launched` had been called).
+5. A memory bound, not part of the model: the fleet keeps the records of the newest `max_terminated`
+   terminated instances; older ones are forgotten (`instance(id)` no longer knows them) but still counted as
+   terminated. Launches that keep failing at network admission would otherwise add records without limit.
 Everything is in sim seconds; the pure parts take `now`, the shell `InstanceFleet` reads the clock.
 """
 
@@ -220,6 +223,7 @@ class InstanceConfig:
     launch_burst: float | None = None  # None: one second's worth of launch_rate_per_s, at least 1
     autoscale_interval_s: float = 5.0
     max_launch_per_tick: int = 5
+    max_terminated: int = 10_000  # terminated records kept (rule 5)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.launch_time_s) and self.launch_time_s >= 0):
@@ -228,6 +232,8 @@ class InstanceConfig:
             raise ValueError(f"autoscale_interval_s must be a finite number > 0, got {self.autoscale_interval_s}")
         if self.max_launch_per_tick < 0:
             raise ValueError(f"max_launch_per_tick must be >= 0, got {self.max_launch_per_tick}")
+        if self.max_terminated < 1:
+            raise ValueError(f"max_terminated must be >= 1, got {self.max_terminated}")
         LaunchThrottle(self.launch_rate_per_s, self.launch_burst)  # validates both
 
 
@@ -283,6 +289,8 @@ class InstanceFleet:
         self._registered: set[str] = set()  # instances on_launched was called for
         self._networked: set[str] = set()  # instances whose network configuration was submitted or adopted
         self._launches: set[asyncio.Task[LaunchResult | None]] = set()
+        self._terminated: collections.deque[str] = collections.deque()  # oldest first (rule 5)
+        self.forgotten = 0  # terminated records dropped by rule 5
         self._task: asyncio.Task[None] | None = None
         self.outcomes: collections.Counter[LaunchOutcome] = collections.Counter()
         self.events: collections.deque[InstanceEvent] = collections.deque(maxlen=1000)
@@ -308,8 +316,9 @@ class InstanceFleet:
         return list(self._instances.values())
 
     def counts(self) -> dict[str, int]:
-        """Instances by state, every state present (terminated ones are kept)."""
+        """Instances by state, every state present (terminated ones count, forgotten ones too)."""
         c = collections.Counter(i.state.value for i in self._instances.values())
+        c[InstanceState.TERMINATED.value] += self.forgotten
         return {s.value: c[s.value] for s in InstanceState}
 
     def live_counts(self) -> dict[str, int]:
@@ -532,6 +541,12 @@ class InstanceFleet:
         return LaunchResult(outcome, zone, instance_id)
 
     def _emit(self, kind: str, inst: Instance) -> None:
+        # Every termination is emitted exactly once (terminate() refuses a second), so rule 5 hooks in here.
+        if inst.state is InstanceState.TERMINATED and self._instances.get(inst.id) is inst:
+            self._terminated.append(inst.id)
+            while len(self._terminated) > self.config.max_terminated:
+                del self._instances[self._terminated.popleft()]
+                self.forgotten += 1
         self._emit_event(InstanceEvent(self._clock.now(), kind, inst.zone, inst.id))
 
     def _emit_event(self, event: InstanceEvent) -> None:
@@ -560,9 +575,14 @@ class _InstancesCollector(Collector):
             "network_admission_rejected, aborted)",
             labels=["outcome"],
         )
+        forgotten = CounterMetricFamily(
+            "lbsim_instance_records_dropped",
+            "Terminated instances' records dropped at the fleet's hard cap (still counted as terminated)",
+        )
         if fill:
             for state, n in self._fleet.counts().items():
                 by_state.add_metric([state], n)
             for outcome in LaunchOutcome:
                 launches.add_metric([outcome.value], self._fleet.outcomes[outcome])
-        yield from (by_state, launches)
+            forgotten.add_metric([], self._fleet.forgotten)
+        yield from (by_state, launches, forgotten)

@@ -11,7 +11,10 @@ Rules of this model:
    `advance` to the next; an item entering an empty queue starts the clock afresh, so an idle period earns
    nothing and no burst is larger than the elapsed busy time allows (a deterministic single server).
 2. Admission control (AWS remediation 4): with `max_depth` set, an item arriving while `depth >= max_depth` is
-   rejected, not queued. None = unbounded, as on 2025-10-20.
+   rejected, not queued. None = no admission control, as on 2025-10-20. Separately, `hard_cap` is a safety
+   bound on memory, not part of the model: an item arriving while `depth >= hard_cap` is dropped (counted in
+   `dropped`, not `rejected`) and the caller sees it refused, as with admission control. Its default is far
+   above any backlog a scenario builds, so it never shapes a run.
 3. A processed item's propagation delay is `now - enqueued_at`, with `now` the `advance` that served it.
 4. A processed launch with `partial_s > 0` opens a partial window until `now + partial_s`: the path is
    `flap` (some connections lost, so health checks alternate) and only then `open`. With `partial_s == 0` the
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # Float slack for the credit: a rate like 3/s ticked every 0.1 s sums to 2.9999999, which must count as 3.
 _EPS = 1e-9
+
+# The backlog's hard cap by default: hours of backlog at any rate a scenario uses, and a few MB of items.
+DEFAULT_HARD_CAP = 100_000
 
 # Propagation delays in sim seconds: from one tick on a healthy queue to the five-hour backlog of 2025-10-20.
 DELAY_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600)
@@ -81,6 +87,12 @@ def _check_rate(rate_per_s: float) -> float:
     return float(rate_per_s)
 
 
+def _check_hard_cap(hard_cap: int) -> int:
+    if hard_cap < 1:
+        raise ValueError(f"hard_cap must be >= 1, got {hard_cap}")
+    return hard_cap
+
+
 def _check_depth(max_depth: int | None) -> int | None:
     if max_depth is not None and max_depth < 0:
         raise ValueError(f"max_depth must be >= 0 or None, got {max_depth}")
@@ -90,18 +102,26 @@ def _check_depth(max_depth: int | None) -> int | None:
 class PropagationQueue:
     """The pure core: FIFO, rate, admission and partial windows, driven by the caller's `now`."""
 
-    def __init__(self, rate_per_s: float, max_depth: int | None = None, partial_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        max_depth: int | None = None,
+        partial_s: float = 0.0,
+        hard_cap: int = DEFAULT_HARD_CAP,
+    ) -> None:
         if not (math.isfinite(partial_s) and partial_s >= 0):
             raise ValueError(f"partial_s must be a finite number >= 0, got {partial_s}")
         self._rate = _check_rate(rate_per_s)
         self._max_depth = _check_depth(max_depth)
+        self.hard_cap = _check_hard_cap(hard_cap)
         self.partial_s = float(partial_s)
         self._items: collections.deque[Item] = collections.deque()
         self._credit = 0.0
         self._last: float | None = None  # when credit was last brought up to date
         self._partial: dict[str, float] = {}  # instance id -> end of its partial window
         self.processed: collections.Counter[ItemKind] = collections.Counter()
-        self.rejected = 0
+        self.rejected = 0  # by admission control (rule 2)
+        self.dropped = 0  # by the hard cap
 
     @property
     def rate_per_s(self) -> float:
@@ -120,9 +140,13 @@ class PropagationQueue:
         return list(self._items)
 
     def enqueue(self, item: Item, now: float) -> bool:
-        """Queue an item; False if admission control rejected it (rule 2)."""
+        """Queue an item; False if admission control rejected it (rule 2) or the hard cap dropped it."""
         if self._max_depth is not None and len(self._items) >= self._max_depth:
             self.rejected += 1
+            return False
+        # After admission control, so the modelled mitigation is what a run reports whenever it applies.
+        if len(self._items) >= self.hard_cap:
+            self.dropped += 1
             return False
         if not self._items:
             # Rule 1: the server was idle, so its clock starts now and earlier idle time earns nothing.
@@ -195,10 +219,12 @@ class NetworkManagerConfig:
     partial_loss: float = 0.4  # the `flap` loss during a partial window; >= 0.5 makes the target not serve
     tick_s: float = 0.25
     backlog_threshold: int = 1  # depth at which a backlog "starts"; it "clears" when the queue is empty
+    hard_cap: int = DEFAULT_HARD_CAP  # items beyond it are dropped: a memory bound, not admission control
 
     def __post_init__(self) -> None:
         _check_rate(self.rate_per_s)
         _check_depth(self.max_depth)
+        _check_hard_cap(self.hard_cap)
         if not (math.isfinite(self.partial_s) and self.partial_s >= 0):
             raise ValueError(f"partial_s must be a finite number >= 0, got {self.partial_s}")
         if not 0.0 <= self.partial_loss <= 1.0:
@@ -238,7 +264,9 @@ class NetworkManager:
         self._clock = clock
         self._apply = apply
         self.on_event = on_event
-        self.queue = PropagationQueue(self.config.rate_per_s, self.config.max_depth, self.config.partial_s)
+        self.queue = PropagationQueue(
+            self.config.rate_per_s, self.config.max_depth, self.config.partial_s, self.config.hard_cap
+        )
         self.backlogged = False
         self.events: collections.deque[NetEvent] = collections.deque(maxlen=1000)
         self._task: asyncio.Task[None] | None = None
@@ -257,7 +285,7 @@ class NetworkManager:
     # -- submitting
 
     def submit_launch(self, instance_id: str) -> bool:
-        """Queue a new instance's network configuration; False if admission control rejected it."""
+        """Queue a new instance's network configuration; False if admission control or the hard cap refused it."""
         return self._submit(instance_id, ItemKind.LAUNCH)
 
     def submit_terminate(self, instance_id: str) -> bool:
@@ -336,7 +364,10 @@ class NetworkManager:
 
     def _submit(self, instance_id: str, kind: ItemKind) -> bool:
         now = self._clock.now()
+        dropped = self.queue.dropped
         ok = self.queue.enqueue(Item(instance_id, kind, now), now)
+        if dropped == 0 and self.queue.dropped:
+            log.warning("network manager: backlog at its hard cap (%d items); dropping new items", self.queue.hard_cap)
         self._check_backlog(now)
         return ok
 
@@ -376,6 +407,10 @@ class _NetCollector(Collector):
         rejected = CounterMetricFamily(
             "lbsim_netmanager_rejected", "Network-configuration items rejected by queue-depth admission control"
         )
+        dropped = CounterMetricFamily(
+            "lbsim_netmanager_dropped",
+            "Network-configuration items dropped at the backlog's hard cap (a memory bound, not admission control)",
+        )
         if fill:
             q = self._manager.queue
             backlog.add_metric([], q.depth)
@@ -383,4 +418,5 @@ class _NetCollector(Collector):
             for kind in ItemKind:
                 processed.add_metric([kind.value], q.processed[kind])
             rejected.add_metric([], q.rejected)
-        yield from (backlog, rate, processed, rejected)
+            dropped.add_metric([], q.dropped)
+        yield from (backlog, rate, processed, rejected, dropped)
