@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import datetime
 from enum import StrEnum
 from importlib import resources
@@ -36,11 +36,23 @@ from scenarios.compare import (
     versus_lines,
     write_compare_csv,
 )
+from scenarios.ports import (
+    LOOPBACK,
+    BindError,
+    ListenError,
+    PortClaim,
+    PortError,
+    bind_warning,
+    check_free,
+    claim_ports,
+    parse_bind,
+    unavailable,
+)
 from scenarios.report import ReportError, compare_table, is_compare_dir, is_run_dir, plot_compare, plot_run, read_json
 from scenarios.runner import Progress as RunProgress
 from scenarios.runner import ScenarioRun
 from scenarios.schema import Scenario, ScenarioError, builtin_names, load_scenario
-from scenarios.serve import DEFAULT_PORTS, PortError, check_free, plan_ports, serve, serving_scenario
+from scenarios.serve import DEFAULT_PORTS, plan_ports, serve, serving_scenario
 
 app = typer.Typer(
     add_completion=False,
@@ -192,7 +204,11 @@ def run(
                           soft_wrap=True)
         r = ScenarioRun(sc, list(policy) if policy else None, source=source, speed=speed, seed=seed,
                         metrics_port=metrics_port, admin_port=admin_port, on_started=print_ports)
-    except (ScenarioError, PolicyError) as e:
+        listeners = {"metrics": PortClaim("--metrics-port", "/metrics", LOOPBACK, metrics_port),
+                     "admin": PortClaim("--admin-port", "backends admin API", LOOPBACK, admin_port)}
+        # Before the run directory exists: a taken port must not leave an empty run behind.
+        check_free(claim_ports(listeners.values()))
+    except (ScenarioError, PolicyError, PortError) as e:
         raise _fail(str(e)) from None
     target = out_dir or Path("runs") / f"{sc.name}-{datetime.now():%Y%m%d-%H%M%S}"
     check_run_dir(target, force)
@@ -201,6 +217,10 @@ def run(
     except ScenarioError as e:
         r.write(target, r.summary())  # what was recorded up to the failing event is kept
         raise _fail(f"{e} (partial results in {target})") from None
+    except OSError as e:
+        # A port taken since check_free, or no socket to be had: the directory exists, so it says what happened.
+        r.write(target, r.summary())
+        raise _fail(f"{start_failure(e, listeners)} (partial results in {target})") from None
     r.write(target, summary)
     plot_run(target)  # run.png: routable targets and request success over sim time, events marked
     out.print(summary_table(summary))
@@ -231,6 +251,16 @@ def check_run_dir(target: Path, force: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise _fail(f"cannot write the run directory {target}: {e.strerror or e}; choose another --out") from None
+
+
+def start_failure(e: OSError, listeners: Mapping[str, PortClaim], hint: str = "") -> str:
+    """What to say when a run could not start: a listener that lost its fixed port is named as `check_free` would
+    name it (`listeners` maps `ListenError.listener` keys to claims); anything else is `could not start` + `hint`."""
+    if isinstance(e, ListenError):
+        claim = listeners.get(e.listener)
+        if claim is not None and claim.port:
+            return str(unavailable(claim, e.error))
+    return f"could not start: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "") + hint
 
 
 def print_ports(ports: dict[str, Any]) -> None:
@@ -273,8 +303,6 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
         except asyncio.CancelledError:
             console.print("stopped by a second signal; writing what was recorded")
             return r.summary()
-        except OSError as e:
-            raise _fail(f"could not start: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
 
 
 def _port_option(help_text: str) -> Any:
@@ -292,16 +320,23 @@ def serve_command(
     speed: Annotated[float, typer.Option(help="Sim seconds per wall second (1: real time).", min=0.001)] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the scenario's).")] = None,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
-    metrics_port: Annotated[int, _port_option("Loopback port of /metrics, what Prometheus scrapes.")
+    metrics_port: Annotated[int, _port_option("Port of /metrics (on --bind), what Prometheus scrapes.")
                             ] = DEFAULT_PORTS["metrics"],
-    admin_port: Annotated[int, _port_option("Loopback port of the serve admin API (POST /events, GET /state).")
+    admin_port: Annotated[int, _port_option("Port of the serve admin API (on --bind; POST /events, GET /state).")
                           ] = DEFAULT_PORTS["admin"],
     dns_port: Annotated[int, _port_option("UDP port of the control plane's DNS server (only with a control plane).")
                         ] = DEFAULT_PORTS["dns"],
     node_port: Annotated[int, _port_option(
         "Port of the load balancer's zone nodes: with a control plane all share it, each on its own address "
-        "127.0.1.N; without one they take this port, +1, +2 ... in zone order.")] = DEFAULT_PORTS["node"],
+        "127.0.1.N; without one they take this port, +1, +2 ... in zone order, on --bind.")] = DEFAULT_PORTS["node"],
     targets_port: Annotated[int, _port_option("Loopback port of the backends' admin API (/targets).")] = 0,
+    bind: Annotated[str, typer.Option(
+        "--bind", metavar="HOST",
+        help="IP address (a literal, not a name) where /metrics, the serve admin API and, without a control plane, "
+             "the zone nodes listen; 0.0.0.0 or :: for every interface. With a control plane the zone nodes keep "
+             "their 127.0.1.N addresses and its DNS server 127.0.0.1; the backends, their admin API "
+             "(--targets-port, no token) and the control plane always stay on 127.0.0.1. An address outside "
+             "127.0.0.0/8 and ::1 is reachable from the network: a warning, and use --admin-token.")] = LOOPBACK,
     admin_token: Annotated[
         str | None,
         typer.Option(envvar="LBSIM_ADMIN_TOKEN", show_envvar=True,
@@ -316,7 +351,7 @@ def serve_command(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write the run directory here on exit.")] = None,
     loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
 ) -> None:
-    """Start the whole system on fixed loopback ports and keep it running until Ctrl-C or SIGTERM (exit 0).
+    """Start the whole system on fixed ports (loopback unless --bind) and keep it running until Ctrl-C or SIGTERM.
 
     The scenario's timeline plays at its times, then everything keeps running (up to 7 sim days).
 
@@ -325,17 +360,26 @@ def serve_command(
     curl -d '{"zone": "a", "path": {"state": "blackhole"}}' http://127.0.0.1:9465/events
     """
     try:
+        host = parse_bind(bind)
+        warning = bind_warning(host, token=admin_token is not None)
+        if warning is not None:
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
         sc, source = load_scenario(scenario, overrides)
         served = serving_scenario(sc)
         claims = plan_ports(served, metrics=metrics_port, admin=admin_port, dns=dns_port, node=node_port,
-                            targets=targets_port)
+                            targets=targets_port, host=host)
         keep = record if record is not None else out_dir is not None
         r = ScenarioRun(served, list(policy) if policy else None, source=source, speed=speed, seed=seed,
                         metrics_port=metrics_port, admin_port=targets_port,
-                        ports={"dns": dns_port, "node": node_port}, record=keep)
+                        ports={"dns": dns_port, "node": node_port}, record=keep, bind=host)
         check_free(claims)
-    except (ScenarioError, PolicyError, PortError) as e:
+    except (ScenarioError, PolicyError, PortError, BindError) as e:
         raise _fail(str(e)) from None
+    # The run's listener keys (ListenError.listener), by the option that fixes each port.
+    by_option = {c.option: c for c in claims}
+    listeners = {key: by_option[option] for key, option in (
+        ("metrics", "--metrics-port"), ("serve-admin", "--admin-port"), ("admin", "--targets-port"))
+        if option in by_option}
 
     def on_ready(rows: list[tuple[str, str]]) -> None:
         table = Table(title=escape(f"lbsim serve: {sc.name} [{r.policy_name}] at speed {r.speed:g} "
@@ -360,9 +404,9 @@ def serve_command(
     except ScenarioError as e:
         summary, failure = r.summary(), str(e)
     except OSError as e:
-        raise _fail(f"could not start: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
-                    + "; if a port is taken, choose others with --metrics-port, --admin-port, --dns-port, "
-                      "--node-port or --targets-port (0 picks a free one)") from None
+        raise _fail(start_failure(e, listeners, "; if a port is taken, choose others with --metrics-port, "
+                                                "--admin-port, --dns-port, --node-port or --targets-port (0 picks a "
+                                                "free one)")) from None
     if out_dir is not None:
         r.write(out_dir, summary)
         console.print(f"run directory: {escape(str(out_dir))}", soft_wrap=True, highlight=False)

@@ -34,13 +34,14 @@ from lb.targets import Target
 from scenarios.controlplane import LEASE_STORE_NAME, ControlPlane
 from scenarios.outcomes import (
     CapacityTally,
+    EventTally,
     ModeTally,
     RecoveryTally,
     RequestTally,
     Sample,
-    event_metrics,
     percentile,
 )
+from scenarios.ports import LOOPBACK, ListenError, connect_host, url_host
 from scenarios.recorder import Recorder, Selector, pivot
 from scenarios.schema import Event, Scenario, ScenarioError
 from scenarios.stages import StageRules, detect_stages
@@ -49,6 +50,9 @@ from scenarios.truth import RunCollector
 
 # Lateness samples kept for the p99: a bounded reservoir, so a long run cannot grow memory without limit.
 _LATENESS_RESERVOIR = 20000
+# Events kept in memory (and so in events.jsonl): far more than a scenario logs, but a run that never ends
+# (`lbsim serve`) must not keep every health transition it ever saw. Later ones are counted, not kept.
+MAX_EVENTS = 200_000
 
 
 SCENARIO_POLICY = "scenario"
@@ -155,8 +159,9 @@ def policy_label(entries: list[str | dict[str, Any]]) -> str:
 class RunState:
     """Everything recorded during a run; what the run directory and summary are made of.
 
-    Memory stays bounded by the run's events and one small row per sample: requests are tallied as they come
-    and spooled to a temporary file, and capacity is added up sample by sample.
+    Memory stays bounded by `max_events` events and one small row per sample: requests are tallied as they come
+    and spooled to a temporary file, and capacity is added up sample by sample. Events past `max_events` are
+    counted in `events_dropped` and not kept, but still go into the event metrics (`event_tally`).
     """
 
     capacity: CapacityTally = field(default_factory=CapacityTally)
@@ -166,7 +171,10 @@ class RunState:
     timeseries: list[dict[str, float]] = field(default_factory=list)
     # Spooled to disk rather than held in memory; closed (and so deleted) once the run directory is written.
     request_log: IO[str] = field(default_factory=lambda: tempfile.TemporaryFile("w+", newline=""))  # noqa: SIM115
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # the first max_events; add with add_event
+    max_events: int = MAX_EVENTS
+    events_dropped: int = 0
+    event_tally: EventTally = field(default_factory=EventTally)
     lateness: list[float] = field(default_factory=list)
     loop_lag: list[float] = field(default_factory=list)  # sim seconds
     probes_seen: int = 0
@@ -178,8 +186,20 @@ class RunState:
     keep_rows: bool = True
 
     def __post_init__(self) -> None:
+        if self.max_events < 1:
+            self.request_log.close()
+            raise ValueError(f"max_events must be >= 1, got {self.max_events}")
         # A run that is never written (a test, an embedding program) still closes its spool when it goes away.
         weakref.finalize(self, self.request_log.close)
+
+    def add_event(self, entry: dict[str, Any]) -> None:
+        """Tally every event; keep the first `max_events` (the start of the story, with the timeline's first
+        events, is what events.jsonl is read for) and count the rest."""
+        self.event_tally.add(entry["kind"], entry["subject"])
+        if len(self.events) < self.max_events:
+            self.events.append(entry)
+        else:
+            self.events_dropped += 1
 
     def add_request(self, r: RequestResult) -> None:
         self.requests.add(r.started, r.latency_s, r.ok)
@@ -229,10 +249,16 @@ class ScenarioRun:
         on_started: Callable[[dict[str, Any]], None] | None = None,
         ports: Mapping[str, int] | None = None,
         record: bool = True,
+        bind: str = LOOPBACK,
     ) -> None:
         """`ports` fixes listeners that are otherwise ephemeral: "dns" (the control plane's DNS server) and
         "node" (the zone nodes: one shared port with a control plane, node, node+1, ... without). `record=False`
-        runs no recorder and keeps no per-request or per-sample rows, so a run that never ends stays bounded."""
+        runs no recorder and keeps no per-request or per-sample rows, so a run that never ends stays bounded.
+        `bind` (an IP literal) is where /metrics and, without a control plane, the zone nodes listen; with one the
+        nodes keep their 127.0.1.N addresses (the name resolves to them), and the backends, their admin API and
+        the control plane stay on loopback whatever `bind` is.
+
+        A listener that cannot bind raises `ListenError` naming it ("metrics", "admin")."""
         self.scenario = scenario
         self.policy_entries = expand_policy_entries(list(policy_entries), list(scenario.policy)) \
             if policy_entries else list(scenario.policy)
@@ -257,8 +283,10 @@ class ScenarioRun:
         self.on_started = on_started
         self.ports = dict(ports or {})
         self.record = record
+        self.bind = bind
         self.state = RunState(keep_rows=record)
         self.complete = False
+        self.last_applied: dict[str, Any] = {}  # the log entry of the latest applied event (see apply)
         self.started_wall = 0.0
         self.end_sim = 0.0
         self._rng = random.Random(self.seed)
@@ -299,7 +327,8 @@ class ScenarioRun:
             clock.restart()  # setting up many targets takes wall time the scenario must not lose
             fixed = self.ports.get("node", 0)
             if sc.control_plane is None:
-                nodes = await self.lb.start(ports={z: fixed + i for i, z in enumerate(sc.zones)} if fixed else None)
+                nodes = await self.lb.start(host=self.bind,
+                                            ports={z: fixed + i for i, z in enumerate(sc.zones)} if fixed else None)
             else:
                 # Each zone's node on its own address and all on one port: the name is served as A records.
                 hosts = {z: f"127.0.1.{i + 1}" for i, z in enumerate(sc.zones)}
@@ -314,14 +343,22 @@ class ScenarioRun:
                 await self.control.start([(t.id, t.zone) for t in self.lb.targets.values()])
                 assert self.control.dns is not None
                 self.state.ports["dns"] = self.control.dns.port
-            self.state.ports["metrics"] = await metrics.start("127.0.0.1", self.metrics_port)
-            self.state.ports["admin"] = await admin.start()
+            # Checked free before the run (check_free), a port can still be taken meanwhile: say which one it was.
+            try:
+                self.state.ports["metrics"] = await metrics.start(self.bind, self.metrics_port)
+            except OSError as e:
+                raise ListenError("metrics", e) from e
+            try:
+                self.state.ports["admin"] = await admin.start()
+            except OSError as e:
+                raise ListenError("admin", e) from e
             # Everything the report's time series holds is what a Prometheus server would have scraped.
             # A scrape gets at least half a wall second: at a high speed half an interval is too short a
             # time for a busy loop to answer, and a missed scrape is a hole in the series.
             if self.record:
+                scrape_host = url_host(connect_host(self.bind))
                 recorder = self.recorder = Recorder(
-                    clock, {"lbsim": f"http://127.0.0.1:{self.state.ports['metrics']}/metrics"},
+                    clock, {"lbsim": f"http://{scrape_host}:{self.state.ports['metrics']}/metrics"},
                     sc.record_interval_s, timeout_s=max(sc.record_interval_s / 2, clock.to_sim(0.5)),
                 )
                 weakref.finalize(self, recorder.close)
@@ -403,6 +440,7 @@ class ScenarioRun:
             deregistration_delay_s=sc.load_balancer.deregistration_delay_s,
             terminate_unhealthy_connections=sc.load_balancer.terminate_unhealthy_connections,
             connect_timeout_s=sc.load_balancer.connect_timeout_s,
+            idle_timeout_s=sc.load_balancer.idle_timeout_s,
         )
 
     def _resolve(self) -> tuple[str, ...]:
@@ -451,6 +489,7 @@ class ScenarioRun:
         entry = self._log(self.clock.now(), "timeline", ev.action,
                           {"at": ev.at, "note": ev.note,
                            "spec": ev.model_dump(exclude_none=True, by_alias=True, exclude={"at", "note"})})
+        self.last_applied = entry  # what serve's admin API answers with, even once events.jsonl stops keeping
         if ev.register_ is not None:
             assert ev.zone is not None
             for _ in range(ev.register_.count):
@@ -583,7 +622,7 @@ class ScenarioRun:
 
     def _log(self, at: float, kind: str, subject: str, extra: dict[str, Any]) -> dict[str, Any]:
         entry = {"t": round(at, 4), "kind": kind, "subject": subject, **extra}
-        self.state.events.append(entry)
+        self.state.add_event(entry)
         return entry
 
     # -- results -----------------------------------------------------------------------------------------
@@ -601,7 +640,8 @@ class ScenarioRun:
         }
         out.update(st.requests.result())
         out.update(st.capacity.result(self.end_sim))
-        out.update(event_metrics((e["kind"], e["subject"]) for e in st.events))
+        out.update(st.event_tally.result())  # every event, kept or dropped
+        out["events_dropped"] = st.events_dropped
         out.update(st.recovery.result())
         out.update(st.modes.result(self.end_sim))
         out["checker_lateness_p99_s"] = percentile(st.lateness, 99)

@@ -1,10 +1,12 @@
-"""`lbsim serve`: the whole system kept running on fixed loopback ports, with an admin API to inject events by hand.
+"""`lbsim serve`: the whole system kept running on fixed ports, with an admin API to inject events by hand.
 
 Rules:
 1. A served run is a `ScenarioRun` lasting the schema's maximum (`SERVE_DURATION_S`, 7 sim days): the scenario's
    own timeline plays at its times, then the system keeps running until it is stopped.
 2. Fixed ports are claimed before anything starts (`plan_ports`, `check_free`): two listeners on one port, or a
    port something else holds, is a `PortError` naming the port and the option that sets it, and nothing runs.
+   Metrics, the serve admin API and, without a control plane, the zone nodes listen on the `--bind` address
+   (127.0.0.1 by default); the backends, their admin API and the control plane stay on loopback.
 3. `POST /events` takes exactly one timeline event as JSON, as a scenario file writes it; `at` may be left out and
    is ignored: the event happens now. It is validated by the scenario schema (`Event`), then checked against this
    run (zones, live targets, policies, control plane) before anything is touched: a rejected event changes
@@ -23,17 +25,18 @@ import asyncio
 import contextlib
 import hmac
 import json
-import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from lb.policies import PolicyError
+from scenarios.ports import ListenError, PortClaim, PortError, claim_ports, url_host
+from scenarios.ports import check_free as check_free  # re-exported: serve's callers checked ports through here
 from scenarios.runner import ScenarioRun
 from scenarios.schema import Event, Scenario, ScenarioError, _format_validation
 
@@ -57,30 +60,18 @@ def serving_scenario(scenario: Scenario) -> Scenario:
 # -- ports ---------------------------------------------------------------------------------------------------
 
 
-class PortError(Exception):
-    """A fixed port that cannot be had; the message names the port and the option that sets it."""
-
-
-@dataclass(frozen=True, slots=True)
-class PortClaim:
-    option: str  # the command-line option that sets the port
-    what: str
-    host: str
-    port: int
-    proto: Literal["tcp", "udp"] = "tcp"
-
-
 def plan_ports(
-    scenario: Scenario, *, metrics: int, admin: int, dns: int, node: int, targets: int = 0
+    scenario: Scenario, *, metrics: int, admin: int, dns: int, node: int, targets: int = 0, host: str = HOST
 ) -> list[PortClaim]:
     """Every fixed (non-zero) port a served run will listen on; `PortError` if two of them are the same.
 
     With a control plane each zone node has its own address 127.0.1.N and all share `node`; without one they
-    share 127.0.0.1 and take `node`, `node`+1, ... in zone order. The DNS port counts only with a control plane.
+    share `host` and take `node`, `node`+1, ... in zone order. The DNS port counts only with a control plane.
+    `host` (--bind) is where metrics, the serve admin API and those nodes listen; the rest stays on loopback.
     """
     claims = [
-        PortClaim("--metrics-port", "metrics", HOST, metrics),
-        PortClaim("--admin-port", "serve admin API", HOST, admin),
+        PortClaim("--metrics-port", "metrics", host, metrics),
+        PortClaim("--admin-port", "serve admin API", host, admin),
         PortClaim("--targets-port", "backends admin API", HOST, targets),
     ]
     if scenario.control_plane is not None:
@@ -93,36 +84,8 @@ def plan_ports(
             if scenario.control_plane is not None:
                 claims.append(PortClaim("--node-port", f"zone {zone} node", f"127.0.1.{i + 1}", node))
             else:
-                claims.append(PortClaim("--node-port", f"zone {zone} node", HOST, node + i))
-    fixed = [c for c in claims if c.port]
-    seen: dict[tuple[str, int, str], PortClaim] = {}
-    for c in fixed:
-        key = (c.host, c.port, c.proto)
-        if key in seen:
-            first = seen[key]
-            raise PortError(f"port {c.port} is wanted twice: {first.what} ({first.option}) and {c.what} "
-                            f"({c.option}); give one of them another port")
-        seen[key] = c
-    return fixed
-
-
-def check_free(claims: Iterable[PortClaim]) -> None:
-    """Bind each claimed port for a moment; `PortError` for the first one something else holds."""
-    for c in claims:
-        kind = socket.SOCK_STREAM if c.proto == "tcp" else socket.SOCK_DGRAM
-        with socket.socket(socket.AF_INET, kind) as s:
-            if c.proto == "tcp":
-                # As the real listener will: a port left in TIME_WAIT by an earlier run is free to listen on.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((c.host, c.port))
-                if c.proto == "tcp":
-                    s.listen(1)
-            except OSError as e:
-                raise PortError(
-                    f"port {c.port} ({c.proto}, {c.what} on {c.host}) is not available: {e.strerror or e}; stop what "
-                    f"holds it or choose another with {c.option} PORT (0 picks a free one)"
-                ) from None
+                claims.append(PortClaim("--node-port", f"zone {zone} node", host, node + i))
+    return claim_ports(claims)
 
 
 # -- events --------------------------------------------------------------------------------------------------
@@ -248,17 +211,20 @@ def state_document(
     }
 
 
-def port_rows(ports: Mapping[str, Any], admin_port: int) -> list[tuple[str, str]]:
-    """The table printed at start: (what, address) for every listener an operator or Prometheus may use."""
+def port_rows(ports: Mapping[str, Any], admin_port: int, host: str = HOST) -> list[tuple[str, str]]:
+    """The table printed at start: (what, address) for every listener an operator or Prometheus may use; `host`
+    is where metrics and the serve admin API listen (--bind)."""
+    bound = url_host(host)
     rows = [
-        ("metrics (scrape this: every component)", f"http://{HOST}:{ports['metrics']}/metrics"),
-        ("serve admin API", f"http://{HOST}:{admin_port}/  (GET /state, POST /events)"),
+        ("metrics (scrape this: every component)", f"http://{bound}:{ports['metrics']}/metrics"),
+        ("serve admin API", f"http://{bound}:{admin_port}/  (GET /state, POST /events)"),
         ("backends admin API", f"http://{HOST}:{ports['admin']}/targets  (its /metrics: backends only)"),
     ]
     if "dns" in ports:
         rows.append(("control-plane DNS (udp)", f"{HOST}:{ports['dns']}  (dig @{HOST} -p {ports['dns']} lb.lbsim)"))
     for zone, address in ports.get("nodes", {}).items():
-        rows.append((f"load balancer node, zone {zone}", str(address)))
+        node_host, _, node_port = str(address).rpartition(":")
+        rows.append((f"load balancer node, zone {zone}", f"{url_host(node_host)}:{node_port}"))
     return rows
 
 
@@ -269,13 +235,14 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class ServeAdmin:
-    """The serve admin API over one `ScenarioRun`, on 127.0.0.1:port (0: an ephemeral port).
+    """The serve admin API over one `ScenarioRun`, on host:port (0: an ephemeral port).
 
     It may start before the run does: until the run is up, `/state` and `/events` answer 503.
     """
 
-    def __init__(self, run: ScenarioRun, *, port: int = 0, token: str | None = None) -> None:
+    def __init__(self, run: ScenarioRun, *, host: str = HOST, port: int = 0, token: str | None = None) -> None:
         self.run = run
+        self.host = host
         self.port = port
         self.token = token
         self._lock = asyncio.Lock()
@@ -289,7 +256,7 @@ class ServeAdmin:
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, HOST, self.port).start()
+            await web.TCPSite(runner, self.host, self.port).start()
         except BaseException:
             await runner.cleanup()
             raise
@@ -368,12 +335,11 @@ class ServeAdmin:
         async with self._lock:
             r = self.run
             ev = parse_event(body, r.clock.now(), self.view())
-            first = len(r.state.events)
             try:
                 touched = await r.apply(ev)
             except (ScenarioError, PolicyError, ValueError) as e:
                 raise EventRejected(400, str(e)) from None
-            entry = r.state.events[first] if len(r.state.events) > first else {}
+            entry = r.last_applied
         spec = {k: v for k, v in entry.get("spec", {}).items() if (k, v) != ("deregister", False)}
         result: dict[str, Any] = {"applied": ev.action, "at": ev.at, "targets": touched, "spec": spec}
         # What a control action reports (hosts flushed, instances terminated ...).
@@ -392,11 +358,14 @@ async def serve(
 ) -> dict[str, Any]:
     """Run `run` with the serve admin API next to it until `stop` is set (or the run ends); return its summary.
 
-    The admin API binds first, so a port conflict there stops everything before it starts. `on_ready` gets the
-    table of listeners once the whole system is up.
+    The admin API binds first, on the run's `bind` host, so a port conflict there stops everything before it
+    starts. `on_ready` gets the table of listeners once the whole system is up.
     """
-    admin = ServeAdmin(run, port=admin_port, token=token)
-    await admin.start()
+    admin = ServeAdmin(run, host=run.bind, port=admin_port, token=token)
+    try:
+        await admin.start()
+    except OSError as e:
+        raise ListenError("serve-admin", e) from e
     try:
         previous = run.on_started
 
@@ -404,7 +373,7 @@ async def serve(
             if previous is not None:
                 previous(ports)
             if on_ready is not None:
-                on_ready(port_rows(ports, admin.port))
+                on_ready(port_rows(ports, admin.port, run.bind))
 
         run.on_started = started
         return await run.run(stop)

@@ -446,6 +446,26 @@ def test_metrics_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     assert not session_processes(p.pid)
 
 
+@pytest.mark.parametrize(("option", "what"), [("--metrics-port", "/metrics"), ("--admin-port", "backends admin API")])
+def test_run_refuses_a_port_in_use_before_creating_its_directory(tmp_path: Path, option: str, what: str) -> None:
+    sc = scenario_file(tmp_path, duration=2, timeline="")
+    target = tmp_path / "never"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        r = lbsim("run", str(sc), "--quiet", "--out", str(target), option, str(port))
+    assert r.returncode == 2, r.stderr
+    msg = unwrap(r.stderr)
+    assert "Traceback" not in msg
+    assert f"error: port {port} (tcp, {what} on 127.0.0.1) is not available" in msg, msg
+    assert f"choose another with {option} PORT (0 picks a free one)" in msg, msg
+    assert not target.exists()  # checked before the run directory is made
+    r = lbsim("run", str(sc), "--quiet", "--out", str(target), "--metrics-port", str(port), "--admin-port", str(port))
+    assert r.returncode == 2 and "--metrics-port" in r.stderr and "--admin-port" in r.stderr and "twice" in r.stderr
+    assert not target.exists()
+
+
 def test_error_messages_are_not_hard_wrapped(tmp_path: Path) -> None:
     """Outside a terminal (CI logs, `2>err.log`, a wrapper script) an error line must stay one line: a path or a
     name broken across lines cannot be grepped for, copied or parsed. A scenario kept a few directories deep

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from backends.fleet import Targets
-from scenarios.runner import ScenarioRun
+from scenarios.runner import MAX_EVENTS, RunState, ScenarioRun
 from scenarios.schema import ScenarioError, parse_scenario
 
 BASE = {
@@ -79,6 +82,29 @@ async def test_set_policy_of_a_policy_the_run_lacks_is_skipped_and_logged() -> N
     assert summary["complete"] is True
     [entry] = [e for e in run.state.events if e["kind"] == "timeline"]
     assert entry["skipped"] == "no dns-failover policy in this run"
+
+
+def test_events_past_the_cap_are_counted_not_kept_but_still_tallied(tmp_path: Path) -> None:
+    run = ScenarioRun(parse_scenario({**BASE, "name": "cap"}, "test"))
+    assert run.state.max_events == MAX_EVENTS
+    run.state.max_events = 3
+    logged = [("ejected", "a-0"), ("transition", "a-0"), ("restored", "a-0")]
+    for i, (kind, subject) in enumerate(logged):
+        run._log(float(i), kind, subject, {})
+    assert run.summary()["events_dropped"] == 0  # up to the cap: everything kept
+    for i, (kind, subject) in enumerate([("ejected", "a-1"), ("dns_removed", "a")], start=3):
+        run._log(float(i), kind, subject, {})
+    assert [(e["kind"], e["subject"]) for e in run.state.events] == logged  # the first ones, in order
+    summary = run.summary()
+    assert summary["events_dropped"] == 2
+    assert (summary["ejections"], summary["flaps"], summary["dns_failovers"]) == (2, 1, 1)  # dropped ones count
+    run.write(tmp_path, summary)
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert [(e["kind"], e["subject"]) for e in map(json.loads, lines)] == logged
+    assert json.loads((tmp_path / "summary.json").read_text())["events_dropped"] == 2
+    run.state.request_log.close()
+    with pytest.raises(ValueError, match="max_events"):
+        RunState(max_events=0)
 
 
 def test_scenario_term_expands_to_the_scenario_policies() -> None:

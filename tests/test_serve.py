@@ -310,13 +310,14 @@ class Served:
             env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
         )
         self.headers: dict[str, str] = {}
+        self.host = "127.0.0.1"  # where metrics and the admin API listen (--bind)
 
     def all_ports(self) -> list[int]:
         return [self.metrics, self.admin, self.targets, *self.nodes]
 
     def request(self, path: str, body: str | None = None, port: int | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        url = f"http://127.0.0.1:{port or self.admin}{path}"
+                headers: dict[str, str] | None = None, host: str | None = None) -> tuple[int, Any]:
+        url = f"http://{host or self.host}:{port or self.admin}{path}"
         req = urllib.request.Request(url, data=None if body is None else body.encode(),
                                      headers=headers if headers is not None else self.headers)
         try:
@@ -445,6 +446,49 @@ def test_serve_refuses_a_port_in_use_and_starts_nothing(tmp_path: Path) -> None:
     assert "lbsim serve:" not in p.stdout  # nothing started, so no ports table
     assert time.monotonic() - t0 < 20
     assert all(_bindable(x) for x in admin + node)
+
+
+def test_serve_bind_moves_metrics_admin_and_nodes_to_that_address(served: Callable[..., Served]) -> None:
+    s = served("--bind", "127.0.0.2")  # still loopback: no warning, and no listener reachable from the network
+    s.host = "127.0.0.2"
+    s.wait_ready()
+    status, text = s.request("/metrics", port=s.metrics, headers={})
+    assert status == 200 and "lbsim_targets" in text
+    for port in (s.metrics, s.admin, s.nodes[0]):
+        with socket.socket() as c:  # nothing of ours on 127.0.0.1 for them any more
+            assert c.connect_ex(("127.0.0.1", port)) != 0, port
+    # The backends' admin API stays on loopback 127.0.0.1 (it has no token).
+    assert s.request("/targets", port=s.targets, headers={}, host="127.0.0.1")[0] == 200
+    # The client traffic reaches the zone nodes on the bind address.
+    poll(lambda: s.request("/state")[1]["requests"]["outcomes"].get("ok", 0) > 0, 10.0, "requests answered")
+    rc, out, err = s.stop()
+    assert rc == 0, err
+    assert "warning" not in err
+    assert f"http://127.0.0.2:{s.metrics}/metrics" in out and f"http://127.0.0.2:{s.admin}/" in out, out
+    assert f"127.0.0.2:{s.nodes[0]}" in out and f"http://127.0.0.1:{s.targets}/targets" in out, out
+
+
+def test_serve_bind_outside_loopback_warns_and_a_name_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(SMALL))
+    env = {**os.environ, "COLUMNS": "200"}
+    # A held metrics port stops serve before it listens on anything: no listener on the network in a test.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        p = subprocess.run(lbsim("serve", str(tmp_path / "s.yaml"), "--bind", "0.0.0.0", "--metrics-port", str(port)),
+                           capture_output=True, text=True, timeout=30, env=env)
+    assert p.returncode == 2, p.stderr
+    assert "warning: --bind 0.0.0.0 is not a loopback address" in p.stderr
+    assert "reachable from the network" in p.stderr and "--admin-token" in p.stderr
+    assert f"port {port} (tcp, metrics on 0.0.0.0)" in p.stderr and "--metrics-port" in p.stderr
+    assert "lbsim serve:" not in p.stdout
+    for bad in ("not-an-ip", "localhost"):
+        p = subprocess.run(lbsim("serve", str(tmp_path / "s.yaml"), "--bind", bad),
+                           capture_output=True, text=True, timeout=30, env=env)
+        assert p.returncode == 2, p.stderr
+        assert f"error: --bind '{bad}' is not an IP address" in p.stderr and "Traceback" not in p.stderr
+        assert "lbsim serve:" not in p.stdout
 
 
 # -- a real Prometheus scraping it -----------------------------------------------------------------------------
