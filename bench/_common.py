@@ -390,6 +390,34 @@ def haproxy_path() -> str | None:
     return "/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None
 
 
+# -- external programs --------------------------------------------------------------------------------------
+
+# A bench that cannot measure anything without a program (proxy.py without wrk) stops with EXIT_MISSING_TOOL and
+# says how to install it; one that is still useful without it (HAProxy: a comparison column) skips that column
+# and says so, with the same hint.
+EXIT_MISSING_TOOL = 2
+INSTALL = {"haproxy": "sudo apt-get install haproxy", "wrk": "sudo apt-get install wrk"}
+
+
+def tool_path(name: str) -> str | None:
+    return haproxy_path() if name == "haproxy" else shutil.which(name)
+
+
+def missing_tool(name: str, consequence: str) -> str:
+    """One line: what is missing, what that means for this bench, how to install it."""
+    where = "on PATH or in /usr/sbin" if name == "haproxy" else "on PATH"
+    return f"{name} is not installed (not found {where}): {consequence}; install it with `{INSTALL[name]}`"
+
+
+def require_tool(name: str, purpose: str) -> str:
+    """The path of a program the bench cannot do without; if it is missing, say so on stderr and exit 2."""
+    found = tool_path(name)
+    if found is None:
+        print(f"error: {missing_tool(name, f'{purpose}, so this bench cannot run')}", file=sys.stderr)
+        sys.exit(EXIT_MISSING_TOOL)
+    return found
+
+
 class HAProxy:
     """One HAProxy process in the foreground (-db), so its PID is the process whose CPU we read."""
 

@@ -16,6 +16,9 @@ CPU per request = utime+stime of the proxy process (/proc/PID/stat) over the wrk
 Each figure is the median of --runs runs (default 3). The ratios in the last line (one JSON object) compare
 lbsim with HAProxy nbthread 1, the stronger of the two here (one thread leaves the second core to wrk and the
 backends); the default-thread figures are printed too.
+
+wrk is required: without it the bench says how to install it (`apt-get install wrk`) and exits with code 2.
+HAProxy is optional: without it (`apt-get install haproxy`) its rows and the ratios are skipped (null).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import time
 from collections import Counter
@@ -237,7 +239,9 @@ def main() -> None:
     if args.runs < 1 or args.duration <= 0 or args.connections < 1:
         parser.error("--runs, --duration and --connections must be positive")
 
-    wrk = shutil.which("wrk")
+    # wrk makes all the load: without it there is nothing to measure (exit 2). Without HAProxy the bench still
+    # measures lbsim against the direct reference, so the HAProxy rows and ratios are skipped (null).
+    wrk = c.require_tool("wrk", "it generates the load this bench measures")
     have_haproxy = c.haproxy_path() is not None and not args.no_haproxy
     results: dict[str, dict[str, list[Run]]] = {mode: {} for mode in MODES}
     labels: dict[str, str] = {}
@@ -246,38 +250,37 @@ def main() -> None:
         net0 = c.netstat()
         started = time.monotonic()
         print(f"lbsim proxy bench: {c.versions()}")
-        if wrk is None:
-            print("wrk is not installed (apt-get install -y wrk): nothing to measure; every figure is null")
-        else:
-            print(f"load: wrk -t1 -c{args.connections} -d{args.duration:g}s --latency GET /health; {BACKENDS} backends")
-            fleet = c.Fleet(reaper, BACKENDS)
-            proxy = c.Child(
-                reaper,
-                "lbsim-proxy",
-                [str(Path(__file__)), "--child-proxy", ",".join(map(str, fleet.ports)), "--loop", args.loop],
-            )
-            targets = {
-                "direct": Target("direct (one backend port)", fleet.ports[0], None),
-                "lbsim": Target(f"lbsim NodeProxy ({args.loop})", int(proxy.read()["port"]), proxy.pid),
-            }
-            if have_haproxy:
-                targets["haproxy1"] = start_haproxy(reaper, fleet.ports, 1)
-                if not args.no_haproxy_default:
-                    targets["haproxy"] = start_haproxy(reaper, fleet.ports, None)
-            labels = {key: t.label for key, t in targets.items()}
-            # One short keep-alive warm-up each (not measured): first-use allocations, caches, TCP state.
-            for target in targets.values():
-                run_wrk(reaper, wrk, target.port, "keepalive", args, 1.0)
-            # Interleave targets and modes round by round, so the machine's drift hits all of them alike.
-            for r in range(args.runs):
-                for mode in MODES:
-                    print(f"  round {r + 1}/{args.runs} {mode}:", end="", flush=True)
-                    for key, target in targets.items():
-                        print(f" {key}", end="", flush=True)
-                        results[mode].setdefault(key, []).append(measure(reaper, wrk, fleet, target, mode, args))
-                    print(flush=True)
-            outcomes = proxy.call("stats")["outcomes"]
-            print(f"  lbsim proxy connection outcomes over the whole bench: {outcomes}")
+        if not have_haproxy and not args.no_haproxy:
+            print(c.missing_tool("haproxy", "its rows and the lbsim/HAProxy ratios are skipped (null)"))
+        print(f"load: wrk -t1 -c{args.connections} -d{args.duration:g}s --latency GET /health; {BACKENDS} backends")
+        fleet = c.Fleet(reaper, BACKENDS)
+        proxy = c.Child(
+            reaper,
+            "lbsim-proxy",
+            [str(Path(__file__)), "--child-proxy", ",".join(map(str, fleet.ports)), "--loop", args.loop],
+        )
+        targets = {
+            "direct": Target("direct (one backend port)", fleet.ports[0], None),
+            "lbsim": Target(f"lbsim NodeProxy ({args.loop})", int(proxy.read()["port"]), proxy.pid),
+        }
+        if have_haproxy:
+            targets["haproxy1"] = start_haproxy(reaper, fleet.ports, 1)
+            if not args.no_haproxy_default:
+                targets["haproxy"] = start_haproxy(reaper, fleet.ports, None)
+        labels = {key: t.label for key, t in targets.items()}
+        # One short keep-alive warm-up each (not measured): first-use allocations, caches, TCP state.
+        for target in targets.values():
+            run_wrk(reaper, wrk, target.port, "keepalive", args, 1.0)
+        # Interleave targets and modes round by round, so the machine's drift hits all of them alike.
+        for r in range(args.runs):
+            for mode in MODES:
+                print(f"  round {r + 1}/{args.runs} {mode}:", end="", flush=True)
+                for key, target in targets.items():
+                    print(f" {key}", end="", flush=True)
+                    results[mode].setdefault(key, []).append(measure(reaper, wrk, fleet, target, mode, args))
+                print(flush=True)
+        outcomes = proxy.call("stats")["outcomes"]
+        print(f"  lbsim proxy connection outcomes over the whole bench: {outcomes}")
 
         for mode, by_target in results.items():
             if by_target:
