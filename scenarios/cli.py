@@ -561,7 +561,7 @@ def compare(
         name = escape(f"[{finished}/{len(job_list)}] {r.job.policy.label} seed {r.job.seed}")
         if r.failed:
             tail = "\n".join(r.stderr_tail.strip().splitlines()[-15:])
-            console.print(f"[red]failed[/] {name}: exit code {r.returncode} after {r.wall_s:.1f} s; its stderr "
+            console.print(f"[red]failed[/] {name}: {r.how_it_ended()} after {r.wall_s:.1f} s; its stderr "
                           f"ends with:\n{escape(tail)}", highlight=False, soft_wrap=True)
         elif r.summary is None:
             console.print(f"[yellow]stopped[/] {name}: no results written ({r.wall_s:.1f} s wall)", highlight=False)

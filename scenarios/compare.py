@@ -278,6 +278,16 @@ class JobResult:
     def failed(self) -> bool:
         return self.returncode is not None and self.returncode != 0 and self.returncode not in INTERRUPTED_CODES
 
+    def how_it_ended(self) -> str:
+        """`exit code N`, or `killed by SIGKILL` for a run a signal ended (the OOM killer, a user's kill -9)."""
+        rc = self.returncode
+        if rc is not None and rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exit code {rc}"
+
 
 def child_argv(job: Job, scenario: str, *, speed: float | None = None, overrides: Sequence[str] = (),
                loop: str | None = None) -> list[str]:

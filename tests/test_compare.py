@@ -354,6 +354,9 @@ CHILD = textwrap.dedent("""\
     if mode == "ok":
         (d / "summary.json").write_text(json.dumps({"availability": 1.0, "complete": True}))
         sys.exit(0)
+    if mode == "killed":  # as the OOM killer or a kill -9 would end a run
+        print("about to be killed", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
     def stop(*_):
         (d / "summary.json").write_text(json.dumps({"availability": 0.5, "complete": False}))
         sys.exit(130)
@@ -450,6 +453,20 @@ def test_runner_reports_a_failing_child_and_goes_on(kind: str, tmp_path: Path) -
         assert results[1].summary == {"availability": 1.0, "complete": True}
         assert sorted(r.job.seed for r in done) == [0, 1, 2, 3]
         assert not runner.stopped
+
+    run_on(kind, body)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_runner_reports_a_killed_child_and_keeps_the_others(kind: str, tmp_path: Path) -> None:
+    async def body() -> None:
+        js = jobs(tmp_path, 3)
+        results = await CompareRunner(js, stand_in({0: "ok", 1: "killed", 2: "ok"}), parallel=2).run()
+        assert [r.failed for r in results] == [False, True, False]
+        assert results[1].returncode == -signal.SIGKILL
+        assert results[1].how_it_ended() == "killed by SIGKILL"
+        assert "about to be killed" in results[1].stderr_tail
+        assert results[0].summary is not None and results[2].summary is not None
 
     run_on(kind, body)
 
