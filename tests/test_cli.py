@@ -77,6 +77,7 @@ traffic:
 timeline: [{timeline}]
 """
 FAULT = "{at: 6, zone: a, path: {state: blackhole, cut_existing: true}}"
+FAULT_AT, INTERVAL, TIMEOUT, UNHEALTHY, JITTER = 6.0, 2.0, 1.0, 2, 0.1  # as in SCENARIO and FAULT (jitter: default)
 
 
 def scenario_file(tmp_path: Path, name: str = "tiny.yaml", *, duration: float = 30, timeline: str = FAULT) -> Path:
@@ -336,8 +337,12 @@ def test_metrics_endpoint_during_a_run(tmp_path: Path) -> None:
     sc = scenario_file(tmp_path, duration=600)
     port = free_port()
     with running("run", str(sc), "--out", str(tmp_path / "m"), "--quiet", "--metrics-port", str(port)) as proc:
-        # Past the fault at t=6 and its detection ((U-1) x I + T = 3 s), so zone a is out of DNS.
-        first = wait_metrics(proc, port, sim_at_least=12.0, limit_s=START_LIMIT_S + 12.0 / 10)
+        # Past the fault and its detection, so zone a is out of DNS: the first failing probe starts within one
+        # interval of the fault, U of them take U intervals (each stretched by up to the jitter), the last one
+        # its timeout, and the policy's evaluation one more tick (1 s). One more interval of slack for a loaded
+        # machine, whose late probes only move this later.
+        settled = FAULT_AT + (1 + UNHEALTHY * (1 + JITTER)) * INTERVAL + TIMEOUT + 1.0 + INTERVAL
+        first = wait_metrics(proc, port, sim_at_least=settled, limit_s=START_LIMIT_S + settled / 10)
         second = wait_metrics(proc, port, sim_at_least=value(first, "lbsim_sim_time_seconds") + 1,  # type: ignore[operator]
                               limit_s=2.0)
         os.killpg(proc.pid, signal.SIGINT)
