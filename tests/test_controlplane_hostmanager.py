@@ -28,7 +28,7 @@ from backends.controlplane.hostmanager import (
     Placement,
     RecoveryQueue,
 )
-from lb.clock import ScaledClock
+from lb.clock import ManualClock, ScaledClock
 
 # -- pure core: leases
 
@@ -579,46 +579,27 @@ def test_config_validation_names_the_field(change: dict[str, Any], field: str) -
         HostManagerConfig(**change)
 
 
-class StepClock:
-    """A clock the test moves by hand; the shell's tasks are not started, so nothing sleeps."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, sim_seconds: float) -> None:
-        raise AssertionError("no task runs in this test")
-
-    async def sleep_until(self, sim_time: float) -> None:
-        raise AssertionError("no task runs in this test")
-
-    def to_wall(self, sim_seconds: float) -> float:
-        return sim_seconds
-
-
 def test_the_shell_offers_a_dropped_host_again_later_and_counts_the_drop() -> None:
-    clock = StepClock()
+    clock = ManualClock()
     registry = CollectorRegistry()
     cfg = replace(CFG, hosts=10, hard_cap=4)
     m = HostManager(clock, FakeLeaseStore(clock), cfg, registry)
-    clock.t = max(m.lease_table.expiry(h) for h in m.lease_table.hosts) + 1.0  # every lease lapsed
+    clock.set(max(m.lease_table.expiry(h) for h in m.lease_table.hosts) + 1.0)  # every lease lapsed
 
     def sample(name: str) -> float | None:
         return registry.get_sample_value(name)
 
-    m._step(clock.t)  # expire and offer, as the scheduler task would
+    m._step(clock.now())  # expire and offer, as the scheduler task would
     assert m.counts() == {"leased": 0, "expired": 6, "recovering": 4}
     assert m.queue_depth == 4 and m.recovery.dropped == 1  # the rest wait: no room until items leave
     assert sample("lbsim_host_recovery_dropped_total") == 1 and sample("lbsim_host_recovery_queue_depth") == 4
-    clock.t += cfg.retry_s
-    m._step(clock.t)
+    clock.advance(cfg.retry_s)
+    m._step(clock.now())
     assert m.queue_depth == 4 and m.recovery.dropped == 2
-    item = m.recovery.start(clock.t)  # one item done: room for one more
+    item = m.recovery.start(clock.now())  # one item done: room for one more
     assert item is not None
-    m._finished(item[0], clock.t, Result(True, "ok", 0.0))
-    clock.t += cfg.retry_s
-    m._step(clock.t)
+    m._finished(item[0], clock.now(), Result(True, "ok", 0.0))
+    clock.advance(cfg.retry_s)
+    m._step(clock.now())
     assert m.counts() == {"leased": 1, "expired": 5, "recovering": 4} and m.queue_depth == 4
     assert sample("lbsim_host_recovery_dropped_total") == 3

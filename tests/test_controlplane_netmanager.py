@@ -20,7 +20,7 @@ from backends.controlplane.netmanager import (
 )
 from backends.fleet import Targets
 from backends.netpath import PathState
-from lb.clock import ScaledClock
+from lb.clock import ManualClock, ScaledClock
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.filterwarnings("error::ResourceWarning")]
 
@@ -308,28 +308,9 @@ def test_admission_and_rate_controls_of_the_shell() -> None:
     run_on("asyncio", body)
 
 
-class StepClock:
-    """A clock the test sets by hand: submitting is synchronous, and no task is started."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, sim_seconds: float) -> None:
-        raise AssertionError("no task runs in this test")
-
-    async def sleep_until(self, sim_time: float) -> None:
-        raise AssertionError("no task runs in this test")
-
-    def to_wall(self, sim_seconds: float) -> float:
-        return sim_seconds
-
-
 def test_the_shell_refuses_past_the_hard_cap_and_exports_the_drops() -> None:
     registry = CollectorRegistry()
-    net = NetworkManager(StepClock(), NetworkManagerConfig(rate_per_s=1.0, hard_cap=2), registry)
+    net = NetworkManager(ManualClock(), NetworkManagerConfig(rate_per_s=1.0, hard_cap=2), registry)
     assert [net.submit_launch(f"i{k}") for k in range(4)] == [True, True, False, False]
     assert not net.submit_terminate("i0")
     assert net.depth == 2
