@@ -47,6 +47,7 @@ __all__ = [
     "parse_policy_spec",
     "register_policy",
     "set_policy_param",
+    "split_top",
 ]
 
 # Float budgets such as 10% of 30 targets come out as 3.0000000000000004; compare with a little slack.
@@ -935,8 +936,8 @@ def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
         raise PolicyError(f"policy {key!r}: {e}") from None
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split at `sep` outside parentheses and brackets."""
+def split_top(text: str, sep: str) -> list[str]:
+    """Split at `sep` outside parentheses and brackets; PolicyError if they do not balance."""
     parts: list[str] = []
     depth = 0
     start = 0
@@ -966,7 +967,7 @@ def _parse_term(term: str, spec: str) -> list[Policy]:
         raise PolicyError(f"bad policy name {name!r} in spec {spec!r}")
     if not paren:
         if name in PRESETS:
-            return [p for t in _split_top(PRESETS[name], "+") for p in _parse_term(t, PRESETS[name])]
+            return [p for t in split_top(PRESETS[name], "+") for p in _parse_term(t, PRESETS[name])]
         return [make_policy(name, None)]
     if not rest.rstrip().endswith(")"):
         raise PolicyError(f"missing ')' after the parameters of {name!r} in spec {spec!r}")
@@ -975,7 +976,7 @@ def _parse_term(term: str, spec: str) -> list[Policy]:
     body = rest.rstrip()[:-1]
     params: dict[str, str] = {}
     if body.strip():
-        for item in _split_top(body, ","):
+        for item in split_top(body, ","):
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or not key:
@@ -994,7 +995,7 @@ def parse_policy_spec(spec: str) -> list[Policy]:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise PolicyError(f"empty policy spec; {_allowed_names()}")
-    return [p for term in _split_top(spec, "+") for p in _parse_term(term, spec)]
+    return [p for term in split_top(spec, "+") for p in _parse_term(term, spec)]
 
 
 def describe_policies(policies: Iterable[Policy]) -> str:

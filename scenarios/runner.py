@@ -28,7 +28,7 @@ from lb.checker import CheckConfig, CheckerCapacity, ProbeReport
 from lb.clock import ScaledClock
 from lb.health import parse_success_codes
 from lb.metrics import MetricsServer
-from lb.policies import POLICY_TYPES, PolicyError, make_policy, parse_policy_spec
+from lb.policies import POLICY_TYPES, PolicyError, make_policy, parse_policy_spec, split_top
 from lb.policy import Policy
 from lb.targets import Target
 from scenarios.controlplane import LEASE_STORE_NAME, ControlPlane
@@ -69,7 +69,7 @@ def expand_policy_entries(
             out.append(entry)
             continue
         rest: list[str] = []
-        for term in split_policy_terms(entry):
+        for term in (t.strip() for t in split_top(entry, "+")):
             if term == SCENARIO_POLICY:
                 if rest:
                     out.append("+".join(rest))
@@ -80,21 +80,6 @@ def expand_policy_entries(
         if rest:
             out.append("+".join(rest))
     return out
-
-
-def split_policy_terms(spec: str) -> list[str]:
-    """Split a policy spec on the `+` signs outside parentheses and brackets."""
-    terms, depth, current = [], 0, ""
-    for ch in spec:
-        depth += ch in "(["
-        depth -= ch in ")]"
-        if ch == "+" and depth == 0:
-            terms.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    terms.append(current.strip())
-    return terms
 
 
 # What the stage detector reads, as Prometheus series (scenarios/stages.py names the columns).

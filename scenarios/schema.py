@@ -41,7 +41,15 @@ from lb.health import (
     aws_range_notes,
     parse_success_codes,
 )
-from lb.policies import POLICY_TYPES, PRESETS, BuiltinPolicy, PolicyError, make_policy, parse_policy_spec
+from lb.policies import (
+    POLICY_TYPES,
+    PRESETS,
+    BuiltinPolicy,
+    PolicyError,
+    make_policy,
+    parse_policy_spec,
+    split_top,
+)
 from lb.policy import Policy
 
 PathStateName = Literal["open", "blackhole", "refuse", "reset", "latency", "flap", "loss", "bandwidth"]
@@ -449,17 +457,7 @@ def _builtin_names() -> str:
 
 def _spec_terms(spec: str) -> list[str]:
     """The policy names of a spec's `+`-joined terms (parameters, in parentheses or brackets, left out)."""
-    names, depth, current = [], 0, ""
-    for ch in spec:
-        depth += ch in "(["
-        depth -= ch in ")]"
-        if ch == "+" and depth == 0:
-            names.append(current)
-            current = ""
-        else:
-            current += ch
-    names.append(current)
-    return [n.partition("(")[0].strip() for n in names]
+    return [term.partition("(")[0].strip() for term in split_top(spec, "+")]
 
 
 def build_scenario_policies(entry: Any) -> list[Policy]:
