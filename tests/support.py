@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvloop
+from hypothesis import strategies as st
 
 from lb.probes import MAX_STATUS_LINE, is_status_line_prefix, parse_status_line
 from lb.targets import ProbeOutcome
@@ -52,6 +53,24 @@ async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+# Bytes a status line's reason phrase may hold (RFC 9112: HTAB, SP, VCHAR, obs-text).
+REASON_BYTES = frozenset([9, *range(32, 127), *range(128, 256)])
+
+
+def reason_phrases(max_size: int) -> st.SearchStrategy[bytes]:
+    return st.binary(max_size=max_size).map(lambda b: bytes(c for c in b if c in REASON_BYTES))
+
+
+def status_lines(max_reason: int) -> st.SearchStrategy[bytes]:
+    """Valid HTTP/1.0 and 1.1 status lines with any code from 100 to 599, CRLF included."""
+    return st.builds(
+        lambda v, c, r: b"HTTP/1." + v + b" " + str(c).encode() + b" " + r + b"\r\n",
+        st.sampled_from([b"0", b"1"]),
+        st.integers(100, 599),
+        reason_phrases(max_reason),
+    )
 
 
 def probe_verdict(data: bytes, codes: frozenset[int]) -> ProbeOutcome | None:

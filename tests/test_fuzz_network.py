@@ -29,7 +29,7 @@ from typing import Literal, cast
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from support import LOOPS, open_sockets, probe_verdict, run_on, wait_for
+from support import LOOPS, REASON_BYTES, open_sockets, probe_verdict, reason_phrases, run_on, status_lines, wait_for
 
 from lb.probes import MAX_STATUS_LINE, build_request, is_status_line_prefix, parse_status_line, probe_http
 from lb.proxy import ConnectionReport, NodeProxy
@@ -68,7 +68,6 @@ def rst(transport: asyncio.Transport) -> None:
 
 # -- pure parser ---------------------------------------------------------------------------------------------
 
-_REASON_BYTES = frozenset([9, *range(32, 127), *range(128, 256)])
 
 
 def ref_parse(line: bytes) -> int | None:
@@ -81,7 +80,7 @@ def ref_parse(line: bytes) -> int | None:
     code = body[9:12]
     if code[0] not in b"12345" or not all(48 <= c <= 57 for c in code):
         return None
-    if not all(c in _REASON_BYTES for c in body[13:]):
+    if not all(c in REASON_BYTES for c in body[13:]):
         return None
     return int(code)
 
@@ -96,19 +95,14 @@ def ref_prefix(data: bytes) -> bool:
         elif c == 13:
             if i != len(data) - 1:
                 return False
-        elif c not in _REASON_BYTES:
+        elif c not in REASON_BYTES:
             return False
     return True
 
 
-reasons = st.binary(max_size=40).map(lambda b: bytes(c for c in b if c in _REASON_BYTES))
+reasons = reason_phrases(40)
 versions = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2", b"http/1.1", b"HTTP/1.1 ", b""])
-valid_lines = st.builds(
-    lambda v, c, r: b"HTTP/1." + v + b" " + str(c).encode() + b" " + r + b"\r\n",
-    st.sampled_from([b"0", b"1"]),
-    st.integers(100, 599),
-    reasons,
-)
+valid_lines = status_lines(40)
 # Status lines that are right or nearly right: random versions, codes of any width, odd separators.
 any_status_lines = st.builds(
     lambda v, c, sep, r, eol: v + b" " + c + sep + r + eol,

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import probe_verdict
+from support import probe_verdict, reason_phrases, status_lines
 
 from lb.probes import (
     MAX_STATUS_LINE,
@@ -83,7 +83,7 @@ def test_parse_invalid(line: bytes) -> None:
     assert parse_status_line(line) is None
 
 
-reasons = st.binary(max_size=60).map(lambda b: bytes(c for c in b if c == 9 or 32 <= c <= 126 or c >= 128))
+reasons = reason_phrases(60)
 
 
 @given(version=st.sampled_from([b"1.0", b"1.1"]), code=st.integers(100, 599), reason=reasons)
@@ -407,12 +407,7 @@ def expected(data: bytes, closes: bool) -> ProbeOutcome:
     return ProbeOutcome.RESET if closes else ProbeOutcome.TIMEOUT
 
 
-_status_lines = st.builds(
-    lambda v, c, r: b"HTTP/1." + v + b" " + str(c).encode() + b" " + r + b"\r\n",
-    st.sampled_from([b"0", b"1"]),
-    st.integers(100, 599),
-    reasons,
-)
+_status_lines = status_lines(60)
 responses = st.one_of(
     st.binary(max_size=300),
     st.builds(lambda line, rest: line + rest, _status_lines, st.binary(max_size=100)),
