@@ -53,6 +53,9 @@ DEFAULT_CONNECT_TIMEOUT_S_WALL = 10.0
 # How often, in idle timeouts, the idle sweep runs: a flow is reset between 1 and 1.25 idle timeouts after its
 # last byte, and the per-chunk path keeps no timestamps (the sweep compares byte counts between sweeps).
 _IDLE_SWEEPS_PER_TIMEOUT = 4
+# The loop's clock and timers tick in milliseconds (uvloop), so a sweep may see a hair less than the time it was
+# scheduled for; a flow quiet for the timeout less this much has been quiet for the timeout.
+_CLOCK_SLACK_S = 0.002
 # 64 KiB is the default high-water mark of both loops; we set it (and low = high / 4) explicitly because
 # uvloop's default low-water mark is 16 *bytes*, which would wake the paused side for every tiny drain.
 DEFAULT_WRITE_BUFFER_HIGH = 64 * 1024
@@ -254,8 +257,8 @@ class NodeProxy:
             if moved != flow.seen_bytes:
                 flow.seen_bytes = moved
                 flow.quiet_since = now
-            # Half a period of slack: sweeps come at multiples of the period, a hair late, never early.
-            elif now - flow.quiet_since >= timeout - period / 2:
+            # Only the clock tick as slack: with a fraction of a period, a few late sweeps reset a flow too early.
+            elif now - flow.quiet_since >= timeout - _CLOCK_SLACK_S:
                 if flow.outcome is None:
                     flow.outcome = ConnOutcome.IDLE_TIMEOUT
                 flow.terminate()
