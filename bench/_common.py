@@ -47,16 +47,21 @@ Json = dict[str, Any]
 # -- CPU time and machine state -----------------------------------------------------------------------------
 
 
+def stat_fields(pid: int) -> list[str]:
+    """Fields 3... of /proc/PID/stat: the command name (field 2) may hold spaces and parentheses, so every later
+    field is read from after the last ')'."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    return raw[raw.rindex(b")") + 2 :].decode().split()
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (all its threads) from /proc/PID/stat, in seconds.
 
     The kernel reports it in clock ticks (1/CLK_TCK s, 10 ms here), so a measuring window must hold enough CPU
     time for that resolution not to matter: the benchmarks print the window's CPU seconds next to each figure.
     """
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        raw = f.read()
-    # The command name (field 2) may contain spaces and parentheses; every later field follows the last ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
+    fields = stat_fields(pid)
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), counted from field 3
     return (utime + stime) / CLK_TCK
 
@@ -190,7 +195,7 @@ class Interrupted(Exception):
     """SIGTERM or SIGHUP reached the bench: unwind (and reap every child) as Ctrl-C would."""
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+def raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
@@ -208,8 +213,8 @@ class Reaper:
 
     def __enter__(self) -> Reaper:
         raise_fd_limit()
-        signal.signal(signal.SIGTERM, _raise_interrupted)
-        signal.signal(signal.SIGHUP, _raise_interrupted)
+        signal.signal(signal.SIGTERM, raise_interrupted)
+        signal.signal(signal.SIGHUP, raise_interrupted)
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:

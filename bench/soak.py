@@ -58,7 +58,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO, cast
 
 import _common as c
@@ -85,20 +84,13 @@ class SoakError(Exception):
 # -- the serve process ---------------------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """Fields 3... of /proc/PID/stat (after the command name, which may hold spaces and parentheses)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        raw = f.read()
-    return raw[raw.rindex(b")") + 2 :].decode().split()
-
-
 def descendants(root: int) -> list[int]:
     """`root` and every process below it, from the parent PIDs in /proc/*/stat."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
+                children.setdefault(int(c.stat_fields(int(entry.name))[1]), []).append(int(entry.name))
     out: list[int] = []
     todo = [root]
     while todo and len(out) < 10_000:  # bounded, whatever /proc says
@@ -187,7 +179,7 @@ class ServeProcess:
         others = []
         for pid in self.tree()[1:]:
             with contextlib.suppress(OSError, ValueError, IndexError):
-                others.append((pid, _stat_fields(pid)[19]))
+                others.append((pid, c.stat_fields(pid)[19]))
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGINT)
@@ -200,7 +192,7 @@ class ServeProcess:
                 self.proc.wait(10.0)
         for pid, started in others:
             with contextlib.suppress(OSError, ValueError, IndexError):
-                if _stat_fields(pid)[19] == started:
+                if c.stat_fields(pid)[19] == started:
                     os.kill(pid, signal.SIGKILL)
         return self.proc.returncode
 
@@ -715,10 +707,6 @@ def report(soak: Soak, args: argparse.Namespace, extra: dict[str, Any]) -> dict[
 # -- main ----------------------------------------------------------------------------------------------------
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise c.Interrupted(signal.Signals(signum).name)
-
-
 @contextlib.contextmanager
 def signals_ignored() -> Iterator[None]:
     """While serve is being stopped: a Ctrl-C must not leave it behind."""
@@ -796,8 +784,8 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
 def main() -> int:
     args = parse_args()
     c.raise_fd_limit()  # thousands of sockets in flight and in TIME_WAIT
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGHUP, _raise_interrupted)
+    signal.signal(signal.SIGTERM, c.raise_interrupted)
+    signal.signal(signal.SIGHUP, c.raise_interrupted)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     logdir = Path(tempfile.mkdtemp(prefix="lbsim-soak-"))
     print(f"lbsim soak bench: {c.versions()}")
