@@ -36,7 +36,6 @@ from pydantic import ValidationError
 
 from lb.policies import PolicyError
 from scenarios.ports import ListenError, PortClaim, PortError, claim_ports, url_host
-from scenarios.ports import check_free as check_free  # re-exported: serve's callers checked ports through here
 from scenarios.runner import ScenarioRun
 from scenarios.schema import Event, Scenario, ScenarioError, _format_validation
 

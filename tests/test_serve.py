@@ -26,15 +26,14 @@ import pytest
 import yaml
 from support import LOOPS, open_sockets, run_on, wait_for
 
+from scenarios.ports import PortError, check_free
 from scenarios.runner import ScenarioRun
 from scenarios.schema import Scenario
 from scenarios.serve import (
     SERVE_DURATION_S,
     EventRejected,
-    PortError,
     RunView,
     authorized,
-    check_free,
     parse_event,
     plan_ports,
     serve,
