@@ -24,6 +24,7 @@ HAProxy is optional: without it (`apt-get install haproxy`) its rows and the rat
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import subprocess
@@ -31,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import _common as c
 
@@ -73,6 +74,82 @@ async def _proxy_child(ports: list[int]) -> None:
         await c.serve_commands(handle)
     finally:
         await proxy.stop()
+
+
+# -- the floor: the least a uvloop Protocol proxy can do ----------------------------------------------------
+
+
+async def _floor_child(ports: list[int]) -> None:
+    """A bare asyncio Protocol proxy: the cost of the asyncio/uvloop machinery alone, as a reference row.
+
+    It does only what wrk needs: round robin, copy both ways, close both sides when either ends. No connect or
+    idle timeout, no outcome report, no half-close, no backpressure, no bookkeeping, so lbsim's NodeProxy, which
+    must do all of that, cannot get below it on the same loop. Not for use anywhere but this bench.
+    """
+    loop = asyncio.get_running_loop()
+    turn = 0
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, client: Client) -> None:
+            self.client = client
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            client = self.client
+            client.up = cast(asyncio.Transport, transport)
+            if client.transport.is_closing():  # the client left while we connected
+                client.up.close()
+                return
+            if client.early:
+                client.up.write(b"".join(client.early))
+            client.early = []
+
+        def data_received(self, data: bytes) -> None:
+            self.client.transport.write(data)
+
+        def eof_received(self) -> bool:
+            self.client.transport.close()
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.client.transport.close()
+
+    class Client(asyncio.Protocol):
+        transport: asyncio.Transport
+        up: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            nonlocal turn
+            turn += 1
+            self.transport = cast(asyncio.Transport, transport)
+            self.early: list[bytes] = []
+            port = ports[turn % len(ports)]
+            task = loop.create_task(loop.create_connection(lambda: Upstream(self), c.HOST, port))
+            task.add_done_callback(self._connected)
+
+        def _connected(self, task: asyncio.Task[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                self.transport.abort()
+
+        def data_received(self, data: bytes) -> None:
+            if self.up is None:
+                self.early.append(data)
+            else:
+                self.up.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.up is not None:
+                self.up.close()
+
+    server = await loop.create_server(Client, c.HOST, 0, backlog=1024)
+    c.reply({"port": server.sockets[0].getsockname()[1]})
+
+    async def handle(msg: c.Json) -> c.Json:
+        raise ValueError(f"unknown command {msg['cmd']!r}")
+
+    try:
+        await c.serve_commands(handle)
+    finally:
+        server.close()
 
 
 # -- wrk -----------------------------------------------------------------------------------------------------
@@ -227,12 +304,17 @@ def main() -> None:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="the lbsim proxy's loop")
     parser.add_argument("--no-haproxy-default", action="store_true", help="skip HAProxy with default nbthread")
     parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare uvloop Protocol proxy (the floor row)")
     parser.add_argument("--quick", action="store_true", help="1 run of 2 s: a smoke test, not a measurement")
     parser.add_argument("--child-proxy", metavar="PORTS", help=argparse.SUPPRESS)
+    parser.add_argument("--child-floor", metavar="PORTS", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child_proxy is not None:
+    if args.child_proxy is not None or args.child_floor is not None:
         c.ignore_sigint()
-        c.run_loop(_proxy_child([int(p) for p in args.child_proxy.split(",")]), args.loop)
+        if args.child_proxy is not None:
+            c.run_loop(_proxy_child([int(p) for p in args.child_proxy.split(",")]), args.loop)
+        else:
+            c.run_loop(_floor_child([int(p) for p in args.child_floor.split(",")]), args.loop)
         return
     if args.quick:
         args.runs, args.duration = 1, 2.0
@@ -263,6 +345,10 @@ def main() -> None:
             "direct": Target("direct (one backend port)", fleet.ports[0], None),
             "lbsim": Target(f"lbsim NodeProxy ({args.loop})", int(proxy.read()["port"]), proxy.pid),
         }
+        if not args.no_floor:
+            floor_argv = [str(Path(__file__)), "--child-floor", ",".join(map(str, fleet.ports)), "--loop", args.loop]
+            floor = c.Child(reaper, "floor-proxy", floor_argv)
+            targets["floor"] = Target(f"floor: bare Protocol ({args.loop})", int(floor.read()["port"]), floor.pid)
         if have_haproxy:
             targets["haproxy1"] = start_haproxy(reaper, fleet.ports, 1)
             if not args.no_haproxy_default:
@@ -287,14 +373,16 @@ def main() -> None:
                 print(f"\n{MODE_TITLES[mode]}: median of {args.runs}")
                 for key, runs in by_target.items():
                     print(_row(labels[key], runs))
-                for key in ("haproxy1", "haproxy"):
-                    if key in by_target:
-                        lb, hap = by_target["lbsim"], by_target[key]
+                pairs = [("lbsim", key) for key in ("haproxy1", "haproxy", "floor")]
+                pairs.append(("floor", "haproxy1"))
+                for key, ref in pairs:
+                    if key in by_target and ref in by_target:
+                        lb, hap = by_target[key], by_target[ref]
                         rps_ratio = c.ratio(c.median([r.wrk.rps for r in lb]), c.median([r.wrk.rps for r in hap]))
                         cpu_ratio = c.ratio(c.median([r.us_per_req for r in lb]), c.median([r.us_per_req for r in hap]))
                         per_round = [c.ratio(a.wrk.rps, b.wrk.rps) for a, b in zip(lb, hap, strict=True)]
                         print(
-                            f"  lbsim / {labels[key]}: throughput {c.fmt(rps_ratio, '.2f')}x "
+                            f"  {key} / {labels[ref]}: throughput {c.fmt(rps_ratio, '.2f')}x "
                             f"(per round {c.runs_str(per_round, '.2f')}), CPU per request {c.fmt(cpu_ratio, '.2f')}x"
                         )
         net = {k: v - net0[k] for k, v in c.netstat().items()}
@@ -302,15 +390,15 @@ def main() -> None:
         print(watch.summary())
         print(f"bench took {time.monotonic() - started:.0f} s")
 
-    def ratio_of(mode: str, metric: str) -> float | None:
+    def ratio_of(mode: str, metric: str, key: str = "lbsim") -> float | None:
         by_target = results[mode]
-        if "lbsim" not in by_target or "haproxy1" not in by_target:
+        if key not in by_target or "haproxy1" not in by_target:
             return None
         values = {
-            key: c.median([r.wrk.rps if metric == "rps" else r.us_per_req for r in by_target[key]])
-            for key in ("lbsim", "haproxy1")
+            k: c.median([r.wrk.rps if metric == "rps" else r.us_per_req for r in by_target[k]])
+            for k in (key, "haproxy1")
         }
-        value = c.ratio(values["lbsim"], values["haproxy1"])
+        value = c.ratio(values[key], values["haproxy1"])
         return None if value is None else round(value, 3)
 
     print(
@@ -320,6 +408,8 @@ def main() -> None:
                 "newconn_ratio_vs_haproxy": ratio_of("newconn", "rps"),
                 "keepalive_cpu_ratio_vs_haproxy": ratio_of("keepalive", "cpu"),
                 "newconn_cpu_ratio_vs_haproxy": ratio_of("newconn", "cpu"),
+                "floor_keepalive_ratio_vs_haproxy": ratio_of("keepalive", "rps", "floor"),
+                "floor_newconn_ratio_vs_haproxy": ratio_of("newconn", "rps", "floor"),
             }
         )
     )
