@@ -2,7 +2,11 @@
 
 Definitions (sim seconds; a sample's state holds until the next sample):
 - availability: share of client requests that succeeded (1.0 when there were none).
-- worst_minute_availability: the lowest availability of any sim minute that had requests.
+- worst_minute_availability: the lowest availability of any 60 sim-second window that had requests, the window
+  sliding by 1 s over the span of the requests (a shorter span is one window). Sliding, not calendar minutes:
+  with fixed minute bins the figure depended on where an outage fell against a minute boundary (split across
+  two bins, the same outage scored up to twice as well), so two runs of the same scenario differed by that
+  phase alone.
 - latency_p99_s: 99th percentile latency of successful requests.
 - min_routable_fraction: the lowest share of registered targets that could receive new connections (routable
   from a zone node that DNS publishes) at any sample.
@@ -102,12 +106,16 @@ def capacity_metrics(samples: Sequence[Sample], end: float) -> dict[str, float]:
     return tally.result(end)
 
 
+# The window of worst_minute_availability, sim seconds.
+WORST_WINDOW_S = 60
+
+
 class RequestTally:
-    """Request metrics added up request by request: counters, per-minute buckets and a bounded latency sample."""
+    """Request metrics added up request by request: counters, per-second buckets and a bounded latency sample."""
 
     def __init__(self, latency_reservoir: int = 50_000, seed: int = 0) -> None:
         self.total = self.failed = 0
-        self.per_minute: dict[int, list[int]] = {}
+        self.per_second: dict[int, list[int]] = {}  # sim second -> [requests, failed]
         self._latencies: list[float] = []
         self._ok_seen = 0
         self._cap = latency_reservoir
@@ -115,7 +123,7 @@ class RequestTally:
 
     def add(self, started: float, latency_s: float, ok: bool) -> None:
         self.total += 1
-        bucket = self.per_minute.setdefault(int(started // 60), [0, 0])
+        bucket = self.per_second.setdefault(math.floor(started), [0, 0])
         bucket[0] += 1
         if ok:
             # Exact while there are fewer successes than the reservoir holds, a uniform sample after that.
@@ -130,11 +138,31 @@ class RequestTally:
             self.failed += 1
             bucket[1] += 1
 
+    def worst_window(self, width_s: int = WORST_WINDOW_S) -> float:
+        """The lowest availability of any `width_s`-second window with requests (see the module's definition)."""
+        if not self.per_second:
+            return 1.0
+        first = min(self.per_second)
+        span = max(self.per_second) - first + 1
+        # Prefix sums over every second of the span, so each window costs two subtractions.
+        total = [0] * (span + 1)
+        failed = [0] * (span + 1)
+        for second in range(span):
+            n, f = self.per_second.get(first + second, (0, 0))
+            total[second + 1] = total[second] + n
+            failed[second + 1] = failed[second] + f
+        width = min(width_s, span)
+        worst = 1.0
+        for start in range(span - width + 1):
+            n = total[start + width] - total[start]
+            if n:
+                worst = min(worst, 1 - (failed[start + width] - failed[start]) / n)
+        return worst
+
     def result(self) -> dict[str, float | int | None]:
-        worst = min((1 - f / n for n, f in self.per_minute.values()), default=1.0)
         return {
             "availability": round(1 - self.failed / self.total, 6) if self.total else 1.0,
-            "worst_minute_availability": round(worst, 6),
+            "worst_minute_availability": round(self.worst_window(), 6),
             "requests_total": self.total,
             "requests_failed": self.failed,
             "latency_p99_s": percentile(self._latencies, 99),

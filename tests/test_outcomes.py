@@ -52,8 +52,23 @@ def test_request_metrics() -> None:
 
 
 def test_worst_minute_finds_the_bad_minute() -> None:
+    # 60 s windows from t=1 to t=3: [1, 61) is all good, [2, 62) holds only the 3 failures, [3, 63) adds one success.
     results = [(1.0, 0.1, True)] * 10 + [(61.0, 0.1, False)] * 3 + [(62.0, 0.1, True)]
-    assert request_metrics(results)["worst_minute_availability"] == 0.25
+    assert request_metrics(results)["worst_minute_availability"] == 0.0
+
+
+def test_worst_minute_does_not_depend_on_where_minutes_begin() -> None:
+    # One request per second for 10 minutes and a 40 s outage. Calendar minutes would score it 1/3 failed when it
+    # straddles a minute boundary evenly and 2/3 when it sits inside one minute; the sliding window says 2/3 both
+    # times, the share of the worst 60 s.
+    for outage_start in (100, 160, 180, 230):
+        results = [(float(t), 0.01, not outage_start <= t < outage_start + 40) for t in range(600)]
+        assert request_metrics(results)["worst_minute_availability"] == round(1 - 40 / 60, 6), outage_start
+
+
+def test_worst_minute_of_a_short_run_is_its_whole_span() -> None:
+    results = [(10.0, 0.1, True), (20.0, 0.1, False), (30.0, 0.1, True), (30.5, 0.1, True)]
+    assert request_metrics(results)["worst_minute_availability"] == 0.75
 
 
 def test_event_metrics_counts_flaps_as_returns_after_ejection() -> None:
