@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,12 +78,15 @@ class Targets:
         host: str = HOST,
         registry: CollectorRegistry | None = None,
         capacity_per_s: float | None = None,
+        now: Callable[[], float] | None = None,
     ) -> None:
-        """`capacity_per_s`: every backend's /work capacity (requests per sim second), None for unlimited."""
+        """`capacity_per_s`: every backend's /work capacity (requests per sim second), None for unlimited.
+        `now`: the sim clock the net paths' time-slotted `flap` reads (see `NetPath`)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(TargetsCollector(self))
         self._fleet = BackendFleet(speed=speed, seed=seed, host=host, capacity_per_s=capacity_per_s)
         self._seed = seed
+        self._now = now
         self._host = host
         self._targets: dict[str, _Target] = {}
         # Counts of removed targets, so that counters summed per zone never go down.
@@ -102,7 +106,9 @@ class Targets:
         await self._fleet.start()
         backend_port = await self._fleet.add(target_id)
         seed = f"{self._seed}:{target_id}"
-        path = NetPath(target_id, self._host, backend_port, seed, speed=self._fleet.speed, host=self._host)
+        path = NetPath(
+            target_id, self._host, backend_port, seed, speed=self._fleet.speed, host=self._host, now=self._now
+        )
         try:
             port = await path.start()
         except BaseException:

@@ -10,8 +10,13 @@ States, in the spirit of Toxiproxy's toxics (research/policies.md section 3), an
 - `latency`: relay, delaying each chunk by `latency_s` +/- uniform `jitter_s` (never below zero, order kept),
   in both directions.
 - `flap` (alias `loss`): each new connection is, with probability `loss`, accepted and then held: data
-  discarded, nothing answered, until the client gives up. As in Toxiproxy, loss is per connection and
-  decided after the handshake, so a TCP-connect probe still passes; only an HTTP probe sees it.
+  discarded, nothing answered, until the client gives up. As in Toxiproxy, loss is decided after the
+  handshake, so a TCP-connect probe still passes; only an HTTP probe sees it. With `period_s` 0 (the default)
+  loss is per connection, drawn in accept order. With `period_s` > 0 the path flaps in sim time instead: time
+  is cut into slots of `period_s`, and in each slot the path holds every new connection with probability
+  `loss`, decided by hashing the path's seed and the slot's number. The pattern is then a function of sim time
+  alone, the same in every run of a seed and at every speed, where per-connection draws change with the order
+  in which probes and requests happen to arrive.
 - `bandwidth`: relay at most `rate_bytes_per_s` in each direction.
 
 A connection keeps the state it was accepted under; a change applies to new connections at once, and
@@ -23,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import math
 import random
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import cast
@@ -67,7 +74,7 @@ _ALIASES = {"loss": PathState.FLAP}
 # Parameter -> (required, low, high, low_open), per state.
 _SPEC: dict[PathState, dict[str, tuple[bool, float, float, bool]]] = {
     PathState.LATENCY: {"latency_s": (True, 0.0, math.inf, False), "jitter_s": (False, 0.0, math.inf, False)},
-    PathState.FLAP: {"loss": (True, 0.0, 1.0, False)},
+    PathState.FLAP: {"loss": (True, 0.0, 1.0, False), "period_s": (False, 0.0, math.inf, False)},
     PathState.BANDWIDTH: {"rate_bytes_per_s": (True, 0.0, math.inf, True)},
 }
 
@@ -88,6 +95,7 @@ class PathConfig:
     latency_s: float = 0.0
     jitter_s: float = 0.0
     loss: float = 0.0
+    period_s: float = 0.0  # flap: 0 = loss drawn per connection, > 0 = per slot of this many sim seconds
     rate_bytes_per_s: float = 0.0
 
     @classmethod
@@ -122,6 +130,12 @@ def could_serve(backend_mode: str, path_state: str, loss: float = 0.0) -> bool:
     if state is PathState.FLAP:
         return loss < 0.5
     return state in (PathState.OPEN, PathState.LATENCY, PathState.BANDWIDTH)
+
+
+def slot_lost(seed: str, slot: int, loss: float) -> bool:
+    """Whether a time-slotted `flap` path holds the connections of slot number `slot` (a pure function)."""
+    digest = hashlib.blake2b(f"{seed}:{slot}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < loss
 
 
 class _Mark(Enum):
@@ -367,7 +381,10 @@ class NetPath:
         *,
         speed: float = 1.0,
         host: str = HOST,
+        now: Callable[[], float] | None = None,
     ) -> None:
+        """`now`: the sim clock a time-slotted `flap` reads; by default sim seconds since this path was made.
+        Pass the scenario's clock so that every path's slots line up with the scenario's time."""
         self.target_id = target_id
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
@@ -375,6 +392,9 @@ class NetPath:
         self.host = host
         self.port = 0
         self._rng = random.Random(rng_seed)
+        self._seed = str(rng_seed)
+        self._epoch = time.monotonic()
+        self._now = now if now is not None else self._since_made
         self._config = PathConfig()
         self._counts: collections.Counter[str] = collections.Counter()
         self._cut = 0
@@ -491,10 +511,18 @@ class NetPath:
         if config.state is PathState.RESET or self._server is None:
             self._count(Outcome.RESET)
             _sockets.reset(client.transport)
-        elif config.state is PathState.FLAP and self._rng.random() < config.loss:
+        elif config.state is PathState.FLAP and self._holds(config):
             self._count(Outcome.HELD)  # out stays None: read and discard, never answer
         else:
             _Relay(self, client, config)
+
+    def _since_made(self) -> float:
+        return (time.monotonic() - self._epoch) * self.speed
+
+    def _holds(self, config: PathConfig) -> bool:
+        if config.period_s > 0:
+            return slot_lost(self._seed, math.floor(self._now() / config.period_s), config.loss)
+        return self._rng.random() < config.loss
 
     def _lost(self, side: _Side) -> None:
         self._sides.discard(side)

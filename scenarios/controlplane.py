@@ -135,7 +135,8 @@ class ControlPlane:
             self.network = NetworkManager(
                 self.clock,
                 NetworkManagerConfig(rate_per_s=nm.rate_per_s, max_depth=nm.max_depth, partial_s=nm.partial_s,
-                                     partial_loss=nm.partial_loss, hard_cap=nm.hard_cap),
+                                     partial_loss=nm.partial_loss, partial_period_s=nm.partial_period_s,
+                                     hard_cap=nm.hard_cap),
                 self.registry,
                 on_event=lambda ev: self._on_event(f"network_{ev.kind}", "network-manager", {"depth": ev.depth}),
             )

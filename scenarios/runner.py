@@ -294,7 +294,9 @@ class ScenarioRun:
         self.started_wall = time.monotonic()
         stop = stop or asyncio.Event()
         lb_registry = CollectorRegistry()
-        self.fleet = Targets(speed=self.speed, seed=self.seed, capacity_per_s=sc.backend_capacity_per_s)
+        self.fleet = Targets(
+            speed=self.speed, seed=self.seed, capacity_per_s=sc.backend_capacity_per_s, now=clock.now
+        )
         self.lb = LoadBalancer(self._balancer_config(), clock, self.policies, lb_registry, seed=self.seed,
                                on_event=self._on_lb_event, on_probe=self._on_probe)
         cp_registry = CollectorRegistry()

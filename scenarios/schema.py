@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from backends.netpath import PathConfig
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
     AWS_DEFAULT_INTERVAL_S,
@@ -200,10 +201,18 @@ class PathChange(_Model):
     latency_s: Annotated[Seconds, Field(ge=0)] | None = None
     jitter_s: Annotated[Seconds, Field(ge=0)] | None = None
     loss: Annotated[Fraction, Field(ge=0, le=1)] | None = None
+    period_s: Annotated[Seconds, Field(ge=0)] | None = None  # flap: 0 per connection, > 0 per slot of sim time
     rate_bytes_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k not in ("state", "cut_existing") and v is not None}
+
+    @model_validator(mode="after")
+    def _fits_state(self) -> PathChange:
+        # The path's own check, on load: a parameter the state does not take (or a missing one) would otherwise
+        # only fail when the event fires, mid-run.
+        PathConfig.parse(self.state, self.params())
+        return self
 
 
 class BackendChange(_Model):
@@ -282,6 +291,9 @@ class NetworkManagerSpec(_Model):
     max_depth: Annotated[Whole, Field(ge=1)] | None = None
     partial_s: Annotated[Seconds, Field(ge=0)] = 0.0
     partial_loss: Annotated[Fraction, Field(ge=0, le=1)] = 0.4
+    # 0: partial paths lose each connection with probability partial_loss; > 0: they are up or down for whole
+    # slots of this many sim seconds, the same pattern in every run of a seed at every speed (NetPath `period_s`).
+    partial_period_s: Annotated[Seconds, Field(ge=0)] = 0.0
     # A memory bound on the backlog, not the modelled admission control (`max_depth`): beyond it new items are
     # dropped and counted (lbsim_netmanager_dropped_total).
     hard_cap: Annotated[Whole, Field(ge=1)] = 100_000

@@ -17,7 +17,7 @@ import pytest
 from support import open_sockets, wait_for
 
 from backends import _sockets
-from backends.netpath import NetPath, PathConfig, PathState, could_serve
+from backends.netpath import NetPath, PathConfig, PathState, could_serve, slot_lost
 
 HOST = "127.0.0.1"
 # A socket closed by the garbage collector rather than by us is a leak: make its ResourceWarning fail.
@@ -239,6 +239,71 @@ async def test_loss_is_an_alias_of_flap_and_loss_one_holds_everything(path: NetP
     await close(writer)
 
 
+def test_slot_lost_is_a_fixed_function_of_seed_and_slot_with_the_loss_share() -> None:
+    slots = range(-5000, 5000)
+    assert not any(slot_lost("s", k, 0.0) for k in slots)
+    assert all(slot_lost("s", k, 1.0) for k in slots)
+    pattern = [slot_lost("s", k, 0.4) for k in slots]
+    assert pattern == [slot_lost("s", k, 0.4) for k in slots]  # no state: the same answer every time
+    n = len(pattern)
+    assert abs(sum(pattern) - 0.4 * n) <= 4 * math.sqrt(n * 0.4 * 0.6)
+    assert pattern != [slot_lost("other seed", k, 0.4) for k in slots]
+    # A higher loss holds a superset of the slots a lower one holds: one uniform draw per slot.
+    assert all(slot_lost("s", k, 0.6) for k, lost in zip(slots, pattern, strict=True) if lost)
+
+
+async def test_flap_with_a_period_holds_whole_slots_of_sim_time(echo_server: Upstream) -> None:
+    sim_now = [0.0]
+    p = NetPath("t1", HOST, echo_server.port, rng_seed="seed-1", now=lambda: sim_now[0])
+    await p.start()
+    try:
+        await p.set_state("flap", loss=0.5, period_s=2.0)
+        assert p.config.period_s == 2.0
+        lost = [k for k in range(40) if slot_lost("seed-1", k, 0.5)]
+        kept = [k for k in range(40) if not slot_lost("seed-1", k, 0.5)]
+        assert lost and kept
+        for slot in (lost[0], kept[0]):
+            for offset in (0.0, 1.0, 1.999):  # every connection of a slot shares its fate
+                sim_now[0] = slot * 2.0 + offset
+                reader, writer = await connect(p.port)
+                writer.write(b"ping\n")
+                if slot in lost:
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(reader.readline(), 0.3)
+                else:
+                    assert await asyncio.wait_for(reader.readline(), 2.0) == b"ping\n"
+                await close(writer)
+        assert p.counts["held"] == 3 and p.counts["relayed"] == 3
+    finally:
+        await p.stop()
+
+
+async def test_flap_with_a_period_gives_the_same_pattern_to_paths_with_the_same_seed(echo_server: Upstream) -> None:
+    # Two runs of a scenario: the same seed and sim times, connections arriving in a different order and number.
+    async def pattern(times: list[float]) -> list[bool]:
+        sim_now = [0.0]
+        p = NetPath("t1", HOST, echo_server.port, rng_seed="s", now=lambda: sim_now[0])
+        await p.start()
+        try:
+            await p.set_state("flap", loss=0.4, period_s=1.0)
+            held = []
+            for t in times:
+                sim_now[0] = t
+                before = p.counts["held"]
+                _, writer = await connect(p.port)
+                await wait_for(lambda: p.counts["held"] + p.counts["relayed"] > len(held))
+                held.append(p.counts["held"] > before)
+                await close(writer)
+            return held
+        finally:
+            await p.stop()
+
+    first = await pattern([0.5, 1.5, 2.5, 3.5, 4.5, 5.5])
+    second = await pattern([5.5, 0.2, 4.9, 3.1, 2.7, 1.1, 0.9])
+    by_slot = dict(zip([0, 1, 2, 3, 4, 5], first, strict=True))
+    assert second == [by_slot[5], by_slot[0], by_slot[4], by_slot[3], by_slot[2], by_slot[1], by_slot[0]]
+
+
 async def test_state_change_spares_live_connections_unless_cut(path: NetPath) -> None:
     reader, writer = await connect(path.port)
     writer.write(b"one\n")
@@ -302,6 +367,8 @@ async def test_rejects_bad_states_and_parameters_without_change(path: NetPath) -
         ("latency", {"latency_s": "1"}),
         ("latency", {"latency_s": float("nan")}),
         ("flap", {"loss": 1.5}),
+        ("flap", {"loss": 0.5, "period_s": -1}),
+        ("flap", {"period_s": 1}),
         ("bandwidth", {"rate_bytes_per_s": 0}),
         ("open", {"latency_s": 1}),
     ):

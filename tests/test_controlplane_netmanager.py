@@ -215,7 +215,8 @@ def test_rate_change_credits_elapsed_time_at_the_old_rate() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"rate_per_s": -1}, {"rate_per_s": math.inf}, {"max_depth": -2}, {"partial_s": -1}, {"partial_loss": 1.5},
-     {"tick_s": 0}, {"backlog_threshold": 0}, {"hard_cap": 0}],
+     {"partial_period_s": -1}, {"partial_period_s": math.nan}, {"tick_s": 0}, {"backlog_threshold": 0},
+     {"hard_cap": 0}],
 )
 def test_bad_config_is_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -229,8 +230,9 @@ def sample(registry: CollectorRegistry, name: str, labels: dict[str, str] | None
     return registry.get_sample_value(name, labels or {})
 
 
+@pytest.mark.parametrize("period_s", [0.0, 2.0])  # flap per connection, or per 2 s slot of sim time
 @pytest.mark.parametrize("loop_kind", list(LOOPS))
-def test_partial_propagation_flaps_the_path_then_opens_it(loop_kind: str) -> None:
+def test_partial_propagation_flaps_the_path_then_opens_it(loop_kind: str, period_s: float) -> None:
     partial_s, tick_s = 4.0, 0.25
 
     async def body() -> None:
@@ -243,10 +245,17 @@ def test_partial_propagation_flaps_the_path_then_opens_it(loop_kind: str) -> Non
         async def apply(iid: str, state: str, params: dict[str, float]) -> None:
             t = clock.now()
             await targets.set_path(iid, state, **params)  # type: ignore[arg-type]
-            applied.append((t, state, params, targets.info(iid).path.state))
+            path = targets.info(iid).path
+            applied.append((t, state, params, path.state))
+            if state == "flap":
+                flap_periods.append(path.period_s)
 
         events: list[NetEvent] = []
-        cfg = NetworkManagerConfig(rate_per_s=10.0, partial_s=partial_s, partial_loss=0.4, tick_s=tick_s)
+        flap_periods: list[float] = []
+        cfg = NetworkManagerConfig(
+            rate_per_s=10.0, partial_s=partial_s, partial_loss=0.4, partial_period_s=period_s, tick_s=tick_s
+        )
+        flap_params = {"loss": 0.4} | ({"period_s": period_s} if period_s else {})
         net = NetworkManager(clock, cfg, registry, apply, on_event=events.append)
         try:
             await targets.add("a-i1", "a")
@@ -257,7 +266,8 @@ def test_partial_propagation_flaps_the_path_then_opens_it(loop_kind: str) -> Non
             assert net.depth == 1 and sample(registry, "lbsim_netmanager_backlog") == 1
             await wait_for(lambda: len(applied) == 2, within=5.0)
             (t_flap, s1, p1, seen1), (t_open, s2, p2, seen2) = applied
-            assert (s1, p1, seen1) == ("flap", {"loss": 0.4}, PathState.FLAP)
+            assert (s1, p1, seen1) == ("flap", flap_params, PathState.FLAP)
+            assert flap_periods == [period_s]  # the path took the slot length
             assert (s2, p2, seen2) == ("open", {}, PathState.OPEN)
             # Served one 1/r after submission (at a tick), open partial_s after that (at a tick). The lower
             # bound of the window allows for the clock moving on between the tick and our reading it in apply.

@@ -93,6 +93,15 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\nhealth_check: {interval_s: -5}\n", "health_check.interval_s", "greater than 0"),
         ("name: x\ntimeline: [{at: 1, zone: a, path: {state: loss, loss: 1.5}}]\n", "timeline.0.path.loss",
          "less than or equal to 1"),
+        ("name: x\ntimeline: [{at: 1, zone: a, path: {state: flap, loss: 0.4, period_s: -2}}]\n",
+         "timeline.0.path.period_s", "greater than or equal to 0"),
+        ("name: x\ncontrol_plane: {network_manager: {partial_period_s: -1}}\n",
+         "control_plane.network_manager.partial_period_s", "greater than or equal to 0"),
+        # a path parameter its state does not take, or one it needs, caught on load rather than mid-run
+        ("name: x\ntimeline: [{at: 1, zone: a, path: {state: open, period_s: 2}}]\n", "timeline.0.path",
+         "path state open does not take period_s (it takes no parameters)"),
+        ("name: x\ntimeline: [{at: 1, zone: a, path: {state: flap, period_s: 2}}]\n", "timeline.0.path",
+         "path state flap needs loss"),
         ("name: x\ntimeline: [{at: 1, zone: a, backend: {mode: unhealthy, error_rate: -0.1}}]\n",
          "timeline.0.backend.error_rate", "greater than or equal to 0"),
         # unknown fields and values, with a suggestion

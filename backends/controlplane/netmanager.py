@@ -217,6 +217,9 @@ class NetworkManagerConfig:
     max_depth: int | None = None
     partial_s: float = 0.0
     partial_loss: float = 0.4  # the `flap` loss during a partial window; >= 0.5 makes the target not serve
+    # The `flap` slot during a partial window (NetPath `period_s`): 0 = loss per connection, > 0 = the path is
+    # up or down for whole slots of this many sim seconds, a pattern fixed by the seed and sim time.
+    partial_period_s: float = 0.0
     tick_s: float = 0.25
     backlog_threshold: int = 1  # depth at which a backlog "starts"; it "clears" when the queue is empty
     hard_cap: int = DEFAULT_HARD_CAP  # items beyond it are dropped: a memory bound, not admission control
@@ -229,6 +232,8 @@ class NetworkManagerConfig:
             raise ValueError(f"partial_s must be a finite number >= 0, got {self.partial_s}")
         if not 0.0 <= self.partial_loss <= 1.0:
             raise ValueError(f"partial_loss must lie within 0-1, got {self.partial_loss}")
+        if not (math.isfinite(self.partial_period_s) and self.partial_period_s >= 0):
+            raise ValueError(f"partial_period_s must be a finite number >= 0, got {self.partial_period_s}")
         if not (math.isfinite(self.tick_s) and self.tick_s > 0):
             raise ValueError(f"tick_s must be a finite number > 0, got {self.tick_s}")
         if self.backlog_threshold < 1:
@@ -349,7 +354,10 @@ class NetworkManager:
                 if p.partial_until is None:
                     await self._call(p.item.instance_id, "open", {})
                 else:
-                    await self._call(p.item.instance_id, "flap", {"loss": self.config.partial_loss})
+                    flap = {"loss": self.config.partial_loss}
+                    if self.config.partial_period_s > 0:
+                        flap["period_s"] = self.config.partial_period_s
+                    await self._call(p.item.instance_id, "flap", flap)
         for instance_id in self.queue.partial_due(self._clock.now()):
             await self._call(instance_id, "open", {})
         self._check_backlog(self._clock.now())
