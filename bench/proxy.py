@@ -1,6 +1,6 @@
 """Requests/s, p99 and CPU per request through the lbsim L4 proxy vs HAProxy mode tcp; run: python bench/proxy.py
 
-About 2 minutes with the defaults; `--quick` is a ~25 s smoke run (one 2 s run each), `--help` lists the knobs.
+About 3 minutes with the defaults; `--quick` is a ~25 s smoke run (one 2 s run each), `--help` lists the knobs.
 
 One backend child serves 4 aiohttp backends (one BackendFleet process, uvloop) on 127.0.0.1. Load comes from
 `wrk -t1 -c32 -d5s --latency` on GET /health, once with keep-alive and once with a new connection per request
@@ -9,13 +9,16 @@ One backend child serves 4 aiohttp backends (one BackendFleet process, uvloop) o
 * direct: wrk straight to one backend port. All 4 backends live in the one fleet process, so this loads the
   backend process exactly as a proxy spreading over the 4 ports does; it is the no-proxy reference.
 * lbsim: a NodeProxy (uvloop unless --loop asyncio) in its own process, choosing round robin over the 4 backends.
+* floor: a bare asyncio Protocol proxy on the same loop, doing only accept, connect, copy and close (no timeouts,
+  reports, half-close or bookkeeping): what the loop and the kernel cost alone, so lbsim's figure can be read
+  against the limit of its stack measured in the same run (`--no-floor` skips it).
 * HAProxy nbthread 1, and HAProxy with its default thread count (one per CPU; the stats socket says how many):
   `mode tcp`, `balance roundrobin` over the same 4 backends.
 
 CPU per request = utime+stime of the proxy process (/proc/PID/stat) over the wrk run / requests wrk completed.
 Each figure is the median of --runs runs (default 3). The ratios in the last line (one JSON object) compare
 lbsim with HAProxy nbthread 1, the stronger of the two here (one thread leaves the second core to wrk and the
-backends); the default-thread figures are printed too.
+backends); the default-thread figures are printed too, and so are lbsim / floor and floor / HAProxy.
 
 wrk is required: without it the bench says how to install it (`apt-get install wrk`) and exits with code 2.
 HAProxy is optional: without it (`apt-get install haproxy`) its rows and the ratios are skipped (null).
