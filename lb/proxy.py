@@ -401,13 +401,8 @@ class _Flow(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
-        if self.up_state == _CONNECTED:
-            # Both directions are done: close() flushes and sends the FIN itself, so a shutdown() first
-            # would be a wasted syscall per connection.
-            if self.up_eof:
-                self._close_both()
-            else:
-                self._up_write_eof()
+        if self.up_state == _CONNECTED and self._up_write_eof() and self.up_eof:
+            self._close_both()
         # While connecting, _up_made forwards the EOF after the buffered bytes.
         return True  # keep the transport open: the other direction may still carry data
 
@@ -479,11 +474,8 @@ class _Flow(asyncio.Protocol):
         self.up_eof = True
         if self.bytes_down == 0 and self.bytes_up > 0 and self.outcome is None:
             self.outcome = ConnOutcome.NO_RESPONSE
-        if self.client_open:
-            if self.client_eof:
-                self._close_both()  # as in eof_received: no shutdown() right before close()
-            else:
-                self._client_write_eof()
+        if self.client_open and self._client_write_eof() and self.client_eof:
+            self._close_both()
         return True
 
     def _up_lost(self, exc: Exception | None) -> None:
