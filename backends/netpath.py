@@ -71,6 +71,7 @@ class Outcome(StrEnum):
 
 
 _ALIASES = {"loss": PathState.FLAP}
+MIN_PERIOD_S = 0.001  # the shortest flap slot, sim s (0 = per connection)
 # Parameter -> (required, low, high, low_open), per state.
 _SPEC: dict[PathState, dict[str, tuple[bool, float, float, bool]]] = {
     PathState.LATENCY: {"latency_s": (True, 0.0, math.inf, False), "jitter_s": (False, 0.0, math.inf, False)},
@@ -110,6 +111,9 @@ class PathConfig:
                 values[name] = _params.number(name, params[name], low=low, high=high, low_open=low_open)
             elif required:
                 raise ValueError(f"path state {st.value} needs {name}")
+        if 0 < values.get("period_s", 0.0) < MIN_PERIOD_S:
+            # A vanishing slot would make the slot number overflow; nothing below a millisecond is meaningful.
+            raise ValueError(f"period_s must be 0 or at least {MIN_PERIOD_S:g} sim s, got {values['period_s']!r}")
         return cls(st, **values)
 
     def params(self) -> dict[str, float]:
@@ -123,6 +127,8 @@ def could_serve(backend_mode: str, path_state: str, loss: float = 0.0) -> bool:
     True iff the backend answers successfully (`healthy`, or `slow`: late is not lost) and the path
     delivers (`open`, `latency`, `bandwidth`, or `flap` losing fewer than half the connections). This
     describes the target, not any checker: a slow target that misses a probe timeout still could serve.
+    A flap in slots is judged by its loss too, not by the current slot: a target that delivers most of the
+    time is capacity a health checker should keep, and no checker can follow slots a few probes long.
     """
     if backend_mode not in ("healthy", "slow"):
         return False

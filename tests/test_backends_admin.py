@@ -14,6 +14,7 @@ from support import open_sockets, wait_for
 
 from backends.admin import AdminServer
 from backends.fleet import Targets, UnknownTarget
+from backends.netpath import slot_lost
 
 HOST = "127.0.0.1"
 # A socket closed by the garbage collector rather than by us is a leak: make its ResourceWarning fail.
@@ -200,6 +201,28 @@ async def test_registry_add_remove_and_errors() -> None:
         with pytest.raises(UnknownTarget):
             targets.can_serve("t")
         assert targets.snapshot() == []
+
+
+async def test_a_slotted_flap_follows_the_sim_clock_the_targets_were_given() -> None:
+    sim_now = [0.0]
+    async with Targets(seed=3, now=lambda: sim_now[0]) as targets:
+        host, port = await targets.add("a-0", "a")
+        await targets.set_path("a-0", "flap", loss=0.5, period_s=10.0)
+        # The path's seed is "<seed>:<target id>"; pick one slot it holds and one it relays, neither slot 0 (where
+        # a path left on its own clock would be, a moment after it was made).
+        held = next(k for k in range(1, 100) if slot_lost("3:a-0", k, 0.5))
+        kept = next(k for k in range(1, 100) if not slot_lost("3:a-0", k, 0.5))
+        for slot in (held, kept):
+            sim_now[0] = slot * 10.0 + 5.0
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /health HTTP/1.0\r\n\r\n")
+            if slot == held:
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(reader.readline(), 0.3)
+            else:
+                assert (await asyncio.wait_for(reader.readline(), 2.0)).startswith(b"HTTP/1.")
+            writer.close()
+        await wait_for(lambda: targets.info("a-0").connections.get("held") == 1)
 
 
 async def test_close_releases_every_socket_and_task() -> None:

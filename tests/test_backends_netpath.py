@@ -273,7 +273,7 @@ async def test_flap_with_a_period_holds_whole_slots_of_sim_time(echo_server: Ups
                 else:
                     assert await asyncio.wait_for(reader.readline(), 2.0) == b"ping\n"
                 await close(writer)
-        assert p.counts["held"] == 3 and p.counts["relayed"] == 3
+        await wait_for(lambda: p.counts["held"] == 3 and p.counts["relayed"] == 3)
     finally:
         await p.stop()
 
@@ -368,6 +368,7 @@ async def test_rejects_bad_states_and_parameters_without_change(path: NetPath) -
         ("latency", {"latency_s": float("nan")}),
         ("flap", {"loss": 1.5}),
         ("flap", {"loss": 0.5, "period_s": -1}),
+        ("flap", {"loss": 0.5, "period_s": 1e-310}),
         ("flap", {"period_s": 1}),
         ("bandwidth", {"rate_bytes_per_s": 0}),
         ("open", {"latency_s": 1}),
