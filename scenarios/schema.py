@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from backends.controlplane.netmanager import NetworkManagerConfig
 from backends.netpath import PathConfig
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
@@ -298,6 +299,12 @@ class NetworkManagerSpec(_Model):
     # dropped and counted (lbsim_netmanager_dropped_total).
     hard_cap: Annotated[Whole, Field(ge=1)] = 100_000
 
+
+    @model_validator(mode="after")
+    def _flap_fits_a_path(self) -> NetworkManagerSpec:
+        # The flap a partial window applies, checked by the path's own rules (as for a timeline's path change).
+        NetworkManagerConfig(partial_loss=self.partial_loss, partial_period_s=self.partial_period_s)
+        return self
 
 class InstancesSpec(_Model):
     launch_time_s: Annotated[Seconds, Field(ge=0)] = 2.0

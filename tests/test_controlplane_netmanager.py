@@ -215,8 +215,8 @@ def test_rate_change_credits_elapsed_time_at_the_old_rate() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"rate_per_s": -1}, {"rate_per_s": math.inf}, {"max_depth": -2}, {"partial_s": -1}, {"partial_loss": 1.5},
-     {"partial_period_s": -1}, {"partial_period_s": math.nan}, {"tick_s": 0}, {"backlog_threshold": 0},
-     {"hard_cap": 0}],
+     {"partial_period_s": -1}, {"partial_period_s": math.nan}, {"partial_period_s": 1e-9}, {"tick_s": 0},
+     {"backlog_threshold": 0}, {"hard_cap": 0}],
 )
 def test_bad_config_is_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):

@@ -97,6 +97,8 @@ def write(tmp_path: Path, text: str) -> str:
          "timeline.0.path.period_s", "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {network_manager: {partial_period_s: -1}}\n",
          "control_plane.network_manager.partial_period_s", "greater than or equal to 0"),
+        ("name: x\ncontrol_plane: {network_manager: {partial_period_s: 0.0000001}}\n",
+         "control_plane.network_manager", "period_s must be 0 or at least 0.001 sim s"),
         # a path parameter its state does not take, or one it needs, caught on load rather than mid-run
         ("name: x\ntimeline: [{at: 1, zone: a, path: {state: open, period_s: 2}}]\n", "timeline.0.path",
          "path state open does not take period_s (it takes no parameters)"),

@@ -41,6 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from backends.controlplane.clock import SimClock
+from backends.netpath import PathConfig
 
 log = logging.getLogger(__name__)
 
@@ -224,16 +225,22 @@ class NetworkManagerConfig:
     backlog_threshold: int = 1  # depth at which a backlog "starts"; it "clears" when the queue is empty
     hard_cap: int = DEFAULT_HARD_CAP  # items beyond it are dropped: a memory bound, not admission control
 
+    def partial_flap(self) -> dict[str, float]:
+        """The `flap` parameters a path gets during its partial window."""
+        if self.partial_period_s != 0:  # 0, the default, is per-connection loss: the path's default too
+            return {"loss": self.partial_loss, "period_s": self.partial_period_s}
+        return {"loss": self.partial_loss}
+
     def __post_init__(self) -> None:
         _check_rate(self.rate_per_s)
         _check_depth(self.max_depth)
         _check_hard_cap(self.hard_cap)
         if not (math.isfinite(self.partial_s) and self.partial_s >= 0):
             raise ValueError(f"partial_s must be a finite number >= 0, got {self.partial_s}")
-        if not 0.0 <= self.partial_loss <= 1.0:
-            raise ValueError(f"partial_loss must lie within 0-1, got {self.partial_loss}")
-        if not (math.isfinite(self.partial_period_s) and self.partial_period_s >= 0):
-            raise ValueError(f"partial_period_s must be a finite number >= 0, got {self.partial_period_s}")
+        try:
+            PathConfig.parse("flap", self.partial_flap())  # the path's own rules, so a bad one fails here, not mid-run
+        except ValueError as exc:
+            raise ValueError(f"partial_loss / partial_period_s: {exc}") from None
         if not (math.isfinite(self.tick_s) and self.tick_s > 0):
             raise ValueError(f"tick_s must be a finite number > 0, got {self.tick_s}")
         if self.backlog_threshold < 1:
@@ -354,10 +361,7 @@ class NetworkManager:
                 if p.partial_until is None:
                     await self._call(p.item.instance_id, "open", {})
                 else:
-                    flap = {"loss": self.config.partial_loss}
-                    if self.config.partial_period_s > 0:
-                        flap["period_s"] = self.config.partial_period_s
-                    await self._call(p.item.instance_id, "flap", flap)
+                    await self._call(p.item.instance_id, "flap", self.config.partial_flap())
         for instance_id in self.queue.partial_due(self._clock.now()):
             await self._call(instance_id, "open", {})
         self._check_backlog(self._clock.now())
