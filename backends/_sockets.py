@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import struct
 
@@ -63,22 +65,36 @@ class Blackhole:
         self._filler = filler
 
     @classmethod
-    async def open(cls, sock: socket.socket) -> Blackhole:
-        """Turn a bound socket (see `bind`) into a blackhole; the blackhole owns it from then on."""
+    def open(cls, sock: socket.socket) -> Blackhole:
+        """Turn a bound socket (see `bind`) into a blackhole at once; the blackhole owns it from then on.
+
+        Synchronous, so that a state change never waits on wall time: on loopback the kernel runs the whole
+        handshake (SYN, SYN-ACK, ACK) inside the non-blocking connect() call, so the queue is full when it
+        returns, and no loop iteration passes between listen() and the filler's SYN in which a client of this
+        process could take the slot. A SYN from elsewhere (another process, a retransmission) that wins the
+        race fills the queue just as well; the filler's connect then stays pending, which changes nothing.
+        """
         filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             filler.setblocking(False)
             sock.listen(0)
-            # A client's connection may win the race for the single queue slot; then the filler's own SYN is
-            # dropped and its connect would never finish. The queue is full either way, so stop waiting.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    await asyncio.get_running_loop().sock_connect(filler, sock.getsockname())
+            err = filler.connect_ex(sock.getsockname())
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
         except BaseException:
             filler.close()
             sock.close()
             raise
         return cls(sock, filler)
+
+    @property
+    def filled_by_us(self) -> bool:
+        """Whether our own connection holds the queue slot (else a client's does)."""
+        try:
+            self._filler.getpeername()
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         self._filler.close()

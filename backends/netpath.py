@@ -433,23 +433,34 @@ class NetPath:
             raise RuntimeError("already started")
         self._reserved = _sockets.bind(self.host, port)
         self.port = self._reserved.getsockname()[1]
-        await self._hold_port(self._config.state)
+        starting = await self._hold_port(self._config.state)
+        if starting is not None:
+            await starting.start_serving()
         return self.port
 
     async def set_state(
         self, state: PathState | str, /, *, cut_existing: bool = False, **params: object
     ) -> None:
-        """Change state; ValueError (and no change) on an unknown state or a bad parameter."""
+        """Change state; ValueError (and no change) on an unknown state or a bad parameter.
+
+        The change is complete, on the wire too, before this coroutine first yields (unless another change
+        of this path still holds the lock): the port already refuses, blackholes or listens, and new
+        connections meet the new parameters. Nothing in it waits on wall time, so the changes of many paths
+        started together in one loop iteration all take effect in that iteration.
+        """
         config = PathConfig.parse(state, params)
         async with self._lock:
             if not self.port:
                 raise RuntimeError("start() the path first")
-            await self._hold_port(config.state)
+            starting = await self._hold_port(config.state)
             self._config = config
             if cut_existing:
                 self._cut += sum(1 for s in self._sides if s.relay is None or s is s.relay.client)
                 for side in list(self._sides):
                     _sockets.reset(side.transport)
+            if starting is not None:
+                # Its synchronous part listens; asyncio's then lets one loop iteration pass before returning.
+                await starting.start_serving()
 
     async def stop(self) -> None:
         """Release the port and every connection, relayed, held or half-dialled."""
@@ -473,8 +484,11 @@ class NetPath:
                     log.warning("netpath %s: %d connections not confirmed closed at stop", self.target_id,
                                 len(self._sides))
 
-    async def _hold_port(self, state: PathState) -> None:
-        """Hold the port the way `state` needs: bound only (refuse), as a blackhole, or listening."""
+    async def _hold_port(self, state: PathState) -> asyncio.Server | None:
+        """Hold the port the way `state` needs: bound only (refuse), as a blackhole, or listening.
+
+        Never yields to the loop, so that a state change takes effect at once. A new server is returned for
+        the caller to start serving (its synchronous part listens), None if there is none."""
         if state is PathState.REFUSE:
             held = self._reserved is not None
         elif state is PathState.BLACKHOLE:
@@ -482,19 +496,27 @@ class NetPath:
         else:
             held = self._server is not None
         if held:
-            return
+            return None
         if self._reserved is None:  # a listener holds it: close that and bind afresh
             self._release_port()
             self._reserved = _sockets.bind(self.host, self.port)
         if state is PathState.REFUSE:
-            return
+            return None
         sock, self._reserved = self._reserved, None
         if state is PathState.BLACKHOLE:
-            self._blackhole = await _sockets.Blackhole.open(sock)
-        else:
-            self._server = await asyncio.get_running_loop().create_server(
-                lambda: _Side(self), sock=sock, backlog=BACKLOG
+            self._blackhole = _sockets.Blackhole.open(sock)
+            return None
+        try:
+            # Given a socket and start_serving=False, create_server neither resolves nor waits, in asyncio and
+            # uvloop alike: this await does not yield.
+            server = await asyncio.get_running_loop().create_server(
+                lambda: _Side(self), sock=sock, backlog=BACKLOG, start_serving=False
             )
+        except BaseException:
+            sock.close()
+            raise
+        self._server = server
+        return server
 
     def _release_port(self) -> None:
         if self._server is not None:

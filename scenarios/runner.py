@@ -469,7 +469,10 @@ class ScenarioRun:
         return ids
 
     async def apply(self, ev: Event) -> list[str]:
-        """Carry out one timeline event now; return the targets it touched."""
+        """Carry out one timeline event now; return the targets it touched.
+
+        Its log entry's `applied_at` says when each change had taken effect (sim s): by target for an event that
+        changes targets, else by the event's action."""
         assert self.fleet is not None and self.lb is not None
         touched: list[str] = []
         # Logged before it takes effect, so its consequences follow it in events.jsonl.
@@ -477,16 +480,23 @@ class ScenarioRun:
                           {"at": ev.at, "note": ev.note,
                            "spec": ev.model_dump(exclude_none=True, by_alias=True, exclude={"at", "note"})})
         self.last_applied = entry  # what serve's admin API answers with, even once events.jsonl stops keeping
+        applied: dict[str, float] = {}
         if ev.register_ is not None:
             assert ev.zone is not None
+            # One after another, so that targets register in the same order in every run. A new instance's
+            # start (a backend and a path to open) is not a change of a running target.
             for _ in range(ev.register_.count):
-                touched.append(await self._add_target(ev.zone, ev))
+                tid = await self._add_target(ev.zone, ev)
+                touched.append(tid)
+                applied[tid] = self._applied_now()
         elif ev.checker is not None:
             self.lb.set_transition_cost(ev.checker.transition_cost)
+            applied[ev.action] = self._applied_now()
         elif ev.control is not None:
             if self.control is None:  # the schema refuses this; a caller building events by hand may not
                 raise ScenarioError(f"{self.source}: event at {ev.at:g} needs a control plane")
             entry.update(await self.control.apply(ev.control))
+            applied[ev.action] = self._applied_now()
         elif ev.set_policy is not None:
             sp = ev.set_policy
             if sp.policy not in {p.name for p in self.policies}:
@@ -496,18 +506,39 @@ class ScenarioRun:
                 self.lb.set_policy_param(sp.policy, sp.param, sp.value)
             except (ValueError, PolicyError) as e:
                 raise ScenarioError(f"{self.source}: event at {ev.at:g}: {e}") from None
+            applied[ev.action] = self._applied_now()
         else:
             touched = self._select(ev)
-            for tid in touched:
-                if ev.path is not None:
-                    await self.fleet.set_path(tid, ev.path.state, cut_existing=ev.path.cut_existing,
-                                              **ev.path.params())
-                elif ev.backend is not None:
-                    await self.fleet.set_backend(tid, ev.backend.mode, **ev.backend.params())
-                elif ev.deregister:
-                    self.lb.deregister(tid)
+            applied = await self._change_targets(ev, touched)
         entry["targets"] = touched
+        entry["applied_at"] = applied
         return touched
+
+    async def _change_targets(self, ev: Event, tids: list[str]) -> dict[str, float]:
+        """Make a path, backend or deregister event's change to every target together; return when each one had
+        taken effect (sim s).
+
+        The changes start in one loop iteration, in `tids` order, and none waits on wall time (a path's change
+        is complete before `NetPath.set_state` first yields): applied one after another, each later target
+        would be changed as late as the earlier targets' changes took, which grows with the speed."""
+        fleet, lb = self.fleet, self.lb
+        assert fleet is not None and lb is not None
+        applied: dict[str, float] = {}
+
+        async def change(tid: str) -> None:
+            if ev.path is not None:
+                await fleet.set_path(tid, ev.path.state, cut_existing=ev.path.cut_existing, **ev.path.params())
+            elif ev.backend is not None:
+                await fleet.set_backend(tid, ev.backend.mode, **ev.backend.params())
+            elif ev.deregister:
+                lb.deregister(tid)
+            applied[tid] = self._applied_now()
+
+        await asyncio.gather(*(change(tid) for tid in tids))
+        return {tid: applied[tid] for tid in tids}
+
+    def _applied_now(self) -> float:
+        return round(self.clock.now(), 4)
 
     async def _timeline(self) -> None:
         for ev in sorted(self.scenario.timeline, key=lambda e: e.at):
