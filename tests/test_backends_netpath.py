@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from support import open_sockets, wait_for
+from support import LOOPS, open_sockets, run_on, wait_for
 
 from backends import _sockets
 from backends.netpath import NetPath, PathConfig, PathState, could_serve, slot_lost
@@ -139,6 +139,82 @@ async def test_blackhole_makes_connect_time_out_then_open_serves_the_same_port(p
         await asyncio.wait_for(asyncio.open_connection(HOST, path.port), 0.5)
     await path.set_state("open")
     await ping(path.port)
+
+
+def wire_state(sock: socket.socket, port: int) -> str:
+    """What a connect of `sock` to the port meets right now: "refused", "dropped" (SYN unanswered) or "accepted".
+
+    On loopback the kernel runs a connect's whole handshake, or its refusal, inside the connect() call, so
+    a non-blocking connect's fate is known as soon as it returns: no waiting, and no loop iteration between
+    the state being set and being observed."""
+    sock.setblocking(False)
+    assert sock.connect_ex((HOST, port)) in (0, errno.EINPROGRESS)
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED:
+        return "refused"
+    try:
+        sock.getpeername()
+    except OSError:
+        return "dropped"
+    return "accepted"
+
+
+def test_a_blackhole_is_full_as_soon_as_it_is_opened() -> None:
+    sock = _sockets.bind(HOST, 0)
+    port = sock.getsockname()[1]
+    hole = _sockets.Blackhole.open(sock)  # synchronous: nothing to await, no wall time
+    try:
+        assert hole.filled_by_us  # our own connection took the queue's one slot inside connect()
+        with socket.socket() as client:
+            assert wire_state(client, port) == "dropped"
+    finally:
+        hole.close()
+    with socket.socket() as client:
+        assert wire_state(client, port) == "refused"  # nothing holds the port any more
+
+
+_PARAMS: dict[str, dict[str, Any]] = {
+    "latency": {"latency_s": 0.01},
+    "flap": {"loss": 1.0},
+    "bandwidth": {"rate_bytes_per_s": 1e6},
+}
+_WIRE = {"blackhole": "dropped", "refuse": "refused"}  # every other state accepts the connection
+
+
+@pytest.mark.parametrize("loop_kind", list(LOOPS))
+def test_every_state_change_is_complete_before_set_state_first_yields(loop_kind: str) -> None:
+    """Changes of many paths started in one loop iteration all take effect in it (the runner relies on
+    this): the state is in force, on the wire too, once set_state's first step has run. Only a change that
+    opens a listener yields afterwards, on asyncio once, while the loop registers it."""
+
+    async def body() -> None:
+        async with Upstream(echo) as up:
+            p = NetPath("t1", HOST, up.port, rng_seed=5)
+            port = await p.start()
+            try:
+                for before in ("open", "blackhole", "refuse"):
+                    for after in PathState:
+                        await p.set_state(before, **_PARAMS.get(before, {}))
+                        change = asyncio.create_task(p.set_state(after, **_PARAMS.get(after, {})))
+                        await asyncio.sleep(0)  # resumed after the task's first step, in the next iteration
+                        assert p.config.state is after, (before, after)
+                        resets = p.counts["reset"]
+                        with socket.socket() as client:
+                            wire = wire_state(client, port)
+                            assert wire == _WIRE.get(after, "accepted"), (before, after)
+                            opens_a_listener = wire == "accepted" and before in _WIRE
+                            assert change.done() or opens_a_listener, (before, after)
+                            await change
+                            if wire == "accepted":
+                                # Let the path take the connection before the next change closes the listener
+                                # (asyncio leaks a socket it accepts just as its listener closes).
+                                await wait_for(lambda: p.active > 0 or p.counts["reset"] > resets)  # noqa: B023
+                        await p.set_state(after, cut_existing=True, **_PARAMS.get(after, {}))
+            finally:
+                await p.stop()
+            # The loop may still be handing the last connection it accepted to the closed listener.
+            await wait_for(lambda: asyncio.all_tasks() == {asyncio.current_task()})
+
+    run_on(loop_kind, body)
 
 
 async def test_refuse_gives_connection_refused_then_open_serves_the_same_port(path: NetPath) -> None:
