@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from support import LOOPS, run_on, wait_for
 
+from backends.fleet import TargetInfo
 from lb.clock import ScaledClock
 from scenarios.runner import ScenarioRun
 from scenarios.schema import parse_scenario
@@ -89,15 +90,21 @@ async def connect_outcome(port: int, timeout_s: float) -> str:
 
 
 @pytest.mark.parametrize("loop_kind", list(LOOPS))
-@pytest.mark.parametrize(("state", "on_the_wire"), [("blackhole", "timeout"), ("refuse", "refused")])
+@pytest.mark.parametrize(("path", "on_the_wire"), [
+    ({"state": "blackhole"}, "timeout"),
+    ({"state": "refuse"}, "refused"),
+    ({"state": "flap", "loss": 1.0}, "connected"),  # lost after the handshake
+    ({"state": "latency", "latency_s": 0.5}, "connected"),
+])
 def test_every_target_of_an_event_changes_within_a_loop_tick_of_its_time(
-    loop_kind: str, state: str, on_the_wire: str, tmp_path: Path
+    loop_kind: str, path: dict[str, Any], on_the_wire: str, tmp_path: Path
 ) -> None:
     """Six targets' paths change at t = 1 at speed 20, while the load balancer probes them (a probe's connect
     taking the blackhole's only queue slot first is what made the change wait 0.2 s per target)."""
-    sc = parse_scenario({**BASE, "timeline": [{"at": AT, "targets": TARGETS, "path": {"state": state}}]}, "timing")
+    sc = parse_scenario({**BASE, "timeline": [{"at": AT, "targets": TARGETS, "path": path}]}, "timing")
     run = ScenarioRun(sc, source="timing")
     seen: list[str] = []
+    infos: list[TargetInfo] = []
 
     async def body() -> None:
         stop = asyncio.Event()
@@ -111,7 +118,8 @@ def test_every_target_of_an_event_changes_within_a_loop_tick_of_its_time(
             # Bounded by the run's set-up, which ends before t = 0, plus AT sim seconds.
             await wait_for(lambda: "applied_at" in run.last_applied, within=30.0)
             assert run.fleet is not None
-            ports = [run.fleet.info(t).port for t in TARGETS]
+            infos.extend(run.fleet.info(t) for t in TARGETS)
+            ports = [info.port for info in infos]
             # A connect that a health check would give up on (its timeout) must not get through.
             timeout = run.clock.to_wall(sc.health_check.timeout_s)
             seen.extend(await asyncio.gather(*(connect_outcome(p, timeout) for p in ports)))
@@ -130,6 +138,7 @@ def test_every_target_of_an_event_changes_within_a_loop_tick_of_its_time(
         [event] = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()
                    if json.loads(line)["kind"] == "timeline"]
         assert event["at"] == AT and event["targets"] == TARGETS
+        assert {info.path.state.value for info in infos} == {path["state"]}
         assert list(event["applied_at"]) == TARGETS
         deadline = ticks[0].deadline(AT, ITERATIONS)
         late = {t: applied for t, applied in event["applied_at"].items() if not AT <= applied <= deadline}
