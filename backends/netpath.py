@@ -20,7 +20,8 @@ States, in the spirit of Toxiproxy's toxics (research/policies.md section 3), an
 - `bandwidth`: relay at most `rate_bytes_per_s` in each direction.
 
 A connection keeps the state it was accepted under; a change applies to new connections at once, and
-`cut_existing=True` also RSTs the live ones. Times and rates are per sim-second; `speed` (sim seconds per
+`cut_existing=True` also RSTs the live ones. A change never waits on wall time (see `NetPath.set_state`), so a
+timeline event lands at its sim time at any speed. Times and rates are per sim-second; `speed` (sim seconds per
 wall second) converts them.
 """
 
