@@ -53,6 +53,7 @@ from lb.policies import (
     split_top,
 )
 from lb.policy import Policy
+from scenarios.outcomes import Headline
 
 PathStateName = Literal["open", "blackhole", "refuse", "reset", "latency", "flap", "loss", "bandwidth"]
 BackendModeName = Literal["healthy", "unhealthy", "slow", "hang", "crash"]
@@ -581,6 +582,8 @@ class Scenario(_Model):
     description: str = ""
     # The policies the scenario's author expects to do best (specs, as for --policy), shown by `lbsim scenarios`.
     should_win: list[str] = []
+    # The metric on which every `should_win` policy beats naive (scenarios.outcomes.beats).
+    headline: Headline = "availability"
     seed: Whole = 1
     speed: Annotated[Speed, Field(gt=0, le=1000)] = 10.0
     duration_s: Annotated[Seconds, Field(gt=0, le=7 * 24 * 3600)] = 300.0
