@@ -32,7 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from backends.controlplane.netmanager import NetworkManagerConfig
-from backends.netpath import PathConfig
+from backends.netpath import FLAP_CAN_SERVE_BELOW, PathConfig
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
     AWS_DEFAULT_INTERVAL_S,
@@ -577,6 +577,14 @@ def event_conflict(a: Event, b: Event) -> str | None:
     return None
 
 
+class GroundTruthSpec(_Model):
+    """What counts as a target that could serve, where the scenario has to choose."""
+
+    # A flapping path can serve while it loses less than this share of new connections; it decides whether
+    # ejecting a flapping target is a false ejection (flapping-new-targets, aws-2025-10-20).
+    flap_can_serve_below: Annotated[float, Field(gt=0, le=1)] = FLAP_CAN_SERVE_BELOW
+
+
 class Scenario(_Model):
     name: str
     description: str = ""
@@ -601,6 +609,7 @@ class Scenario(_Model):
     sample_interval_s: Annotated[Seconds, Field(gt=0)] = 1.0
     record_interval_s: Annotated[Seconds, Field(gt=0)] = 10.0  # how often the recorder scrapes /metrics
     control_plane: ControlPlaneSpec | None = None
+    ground_truth: GroundTruthSpec = GroundTruthSpec()
     timeline: list[Event] = []
 
     @field_validator("zones")
