@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from backends._sockets import HOST
 from backends.app import BackendFleet, BackendState
 from backends.metrics import TargetsCollector
-from backends.netpath import NetPath, PathConfig, could_serve
+from backends.netpath import FLAP_CAN_SERVE_BELOW, NetPath, PathConfig, could_serve
 
 
 class UnknownTarget(LookupError):
@@ -79,14 +79,17 @@ class Targets:
         registry: CollectorRegistry | None = None,
         capacity_per_s: float | None = None,
         now: Callable[[], float] | None = None,
+        flap_can_serve_below: float = FLAP_CAN_SERVE_BELOW,
     ) -> None:
         """`capacity_per_s`: every backend's /work capacity (requests per sim second), None for unlimited.
-        `now`: the sim clock the net paths' time-slotted `flap` reads (see `NetPath`)."""
+        `now`: the sim clock the net paths' time-slotted `flap` reads (see `NetPath`).
+        `flap_can_serve_below`: the ground truth's loss threshold for a flapping path (see `could_serve`)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(TargetsCollector(self))
         self._fleet = BackendFleet(speed=speed, seed=seed, host=host, capacity_per_s=capacity_per_s)
         self._seed = seed
         self._now = now
+        self._flap_can_serve_below = flap_can_serve_below
         self._host = host
         self._targets: dict[str, _Target] = {}
         # Counts of removed targets, so that counters summed per zone never go down.
@@ -149,7 +152,7 @@ class Targets:
         t = self._get(target_id)
         backend = self._fleet.state(target_id)
         cfg = t.path.config
-        truth = could_serve(backend.mode, cfg.state, cfg.loss)
+        truth = could_serve(backend.mode, cfg.state, cfg.loss, self._flap_can_serve_below)
         return TargetInfo(target_id, t.zone, t.path.host, t.path.port, backend, cfg, t.path.counts, truth)
 
     def snapshot(self) -> list[TargetInfo]:

@@ -122,11 +122,18 @@ class PathConfig:
         return {name: getattr(self, name) for name in _SPEC.get(self.state, {})}
 
 
-def could_serve(backend_mode: str, path_state: str, loss: float = 0.0) -> bool:
+# A flapping path "can serve" while it loses less than this share of new connections (a scenario's
+# `ground_truth.flap_can_serve_below`): it decides what counts as a false ejection of a flapping target.
+FLAP_CAN_SERVE_BELOW = 0.5
+
+
+def could_serve(backend_mode: str, path_state: str, loss: float = 0.0,
+                flap_can_serve_below: float = FLAP_CAN_SERVE_BELOW) -> bool:
     """Ground truth: could a request sent to this target now get a successful answer?
 
     True iff the backend answers successfully (`healthy`, or `slow`: late is not lost) and the path
-    delivers (`open`, `latency`, `bandwidth`, or `flap` losing fewer than half the connections). This
+    delivers (`open`, `latency`, `bandwidth`, or `flap` losing less than `flap_can_serve_below` of the
+    connections, half by default). This
     describes the target, not any checker: a slow target that misses a probe timeout still could serve.
     A flap in slots is judged by its loss too, not by the current slot: a target that delivers most of the
     time is capacity a health checker should keep, and no checker can follow slots a few probes long.
@@ -135,7 +142,7 @@ def could_serve(backend_mode: str, path_state: str, loss: float = 0.0) -> bool:
         return False
     state = parse_state(path_state)
     if state is PathState.FLAP:
-        return loss < 0.5
+        return loss < flap_can_serve_below
     return state in (PathState.OPEN, PathState.LATENCY, PathState.BANDWIDTH)
 
 

@@ -434,11 +434,12 @@ def list_scenarios() -> None:
     table = Table(title="built-in scenarios")
     table.add_column("name", no_wrap=True)  # a name is what one types next: never split it
     table.add_column("what it teaches")
-    table.add_column("should win")
+    table.add_column("should beat naive on")
     for name in builtin_names():
         sc, _ = load_scenario(name)
         text = " ".join(sc.description.split())
-        table.add_row(name, text.split(". ")[0].rstrip(".") + ".", ", ".join(sc.should_win) or "-")
+        wins = f"{sc.headline}: {', '.join(sc.should_win)}" if sc.should_win else "-"
+        table.add_row(name, text.split(". ")[0].rstrip(".") + ".", wins)
     out.print(table)
 
 

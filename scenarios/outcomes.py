@@ -36,6 +36,19 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+# A scenario's headline metric (`headline:` in its file): what `should_win` claims the named policies do better
+# than naive, and what tests/test_should_win.py checks. Shares are better higher, target-seconds lower.
+Headline = Literal[
+    "availability", "worst_minute_availability", "min_routable_fraction",
+    "capacity_lost_target_seconds", "false_ejection_target_seconds", "missed_ejection_target_seconds",
+]
+
+
+def beats(metric: Headline, value: float, baseline: float) -> bool:
+    """Whether `value` is strictly better than `baseline` on a headline metric."""
+    return value < baseline if metric.endswith("_target_seconds") else value > baseline
 
 
 @dataclass(frozen=True, slots=True)

@@ -295,7 +295,8 @@ class ScenarioRun:
         stop = stop or asyncio.Event()
         lb_registry = CollectorRegistry()
         self.fleet = Targets(
-            speed=self.speed, seed=self.seed, capacity_per_s=sc.backend_capacity_per_s, now=clock.now
+            speed=self.speed, seed=self.seed, capacity_per_s=sc.backend_capacity_per_s, now=clock.now,
+            flap_can_serve_below=sc.ground_truth.flap_can_serve_below,
         )
         self.lb = LoadBalancer(self._balancer_config(), clock, self.policies, lb_registry, seed=self.seed,
                                on_event=self._on_lb_event, on_probe=self._on_probe)

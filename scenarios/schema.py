@@ -32,7 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from backends.controlplane.netmanager import NetworkManagerConfig
-from backends.netpath import PathConfig
+from backends.netpath import FLAP_CAN_SERVE_BELOW, PathConfig
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
     AWS_DEFAULT_INTERVAL_S,
@@ -53,6 +53,7 @@ from lb.policies import (
     split_top,
 )
 from lb.policy import Policy
+from scenarios.outcomes import Headline
 
 PathStateName = Literal["open", "blackhole", "refuse", "reset", "latency", "flap", "loss", "bandwidth"]
 BackendModeName = Literal["healthy", "unhealthy", "slow", "hang", "crash"]
@@ -576,11 +577,21 @@ def event_conflict(a: Event, b: Event) -> str | None:
     return None
 
 
+class GroundTruthSpec(_Model):
+    """What counts as a target that could serve, where the scenario has to choose."""
+
+    # A flapping path can serve while it loses less than this share of new connections; it decides whether
+    # ejecting a flapping target is a false ejection (flapping-new-targets, aws-2025-10-20).
+    flap_can_serve_below: Annotated[float, Field(gt=0, le=1)] = FLAP_CAN_SERVE_BELOW
+
+
 class Scenario(_Model):
     name: str
     description: str = ""
     # The policies the scenario's author expects to do best (specs, as for --policy), shown by `lbsim scenarios`.
     should_win: list[str] = []
+    # The metric on which every `should_win` policy beats naive (scenarios.outcomes.beats).
+    headline: Headline = "availability"
     seed: Whole = 1
     speed: Annotated[Speed, Field(gt=0, le=1000)] = 10.0
     duration_s: Annotated[Seconds, Field(gt=0, le=7 * 24 * 3600)] = 300.0
@@ -598,6 +609,7 @@ class Scenario(_Model):
     sample_interval_s: Annotated[Seconds, Field(gt=0)] = 1.0
     record_interval_s: Annotated[Seconds, Field(gt=0)] = 10.0  # how often the recorder scrapes /metrics
     control_plane: ControlPlaneSpec | None = None
+    ground_truth: GroundTruthSpec = GroundTruthSpec()
     timeline: list[Event] = []
 
     @field_validator("zones")

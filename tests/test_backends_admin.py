@@ -203,6 +203,15 @@ async def test_registry_add_remove_and_errors() -> None:
         assert targets.snapshot() == []
 
 
+async def test_the_flap_threshold_of_the_ground_truth_is_the_one_the_targets_were_given() -> None:
+    """A path losing 40% of new connections can serve by the default rule (below half) and cannot with 0.3."""
+    for threshold, expected in ((0.5, True), (0.3, False)):
+        async with Targets(flap_can_serve_below=threshold) as targets:
+            await targets.add("a-0", "a")
+            await targets.set_path("a-0", "flap", loss=0.4)
+            assert targets.can_serve("a-0") is expected
+
+
 async def test_a_slotted_flap_follows_the_sim_clock_the_targets_were_given() -> None:
     sim_now = [0.0]
     async with Targets(seed=3, now=lambda: sim_now[0]) as targets:

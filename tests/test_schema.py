@@ -344,3 +344,12 @@ def test_checker_events_change_the_transition_cost_and_conflict_at_the_same_time
         with pytest.raises(ScenarioError) as ei:
             load_scenario(write(tmp_path, text))
         assert needle in str(ei.value), str(ei.value)
+
+
+def test_ground_truth_flap_threshold_is_a_share_above_zero() -> None:
+    assert parse_scenario(dict(BASE), "f").ground_truth.flap_can_serve_below == 0.5
+    gt = parse_scenario({**BASE, "ground_truth": {"flap_can_serve_below": 0.3}}, "f").ground_truth
+    assert gt.flap_can_serve_below == 0.3
+    for bad in (0, 1.5):
+        with pytest.raises(ScenarioError, match=r"(?s)f: .*ground_truth\.flap_can_serve_below"):
+            parse_scenario({**BASE, "ground_truth": {"flap_can_serve_below": bad}}, "f")
