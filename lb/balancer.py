@@ -217,6 +217,7 @@ class LoadBalancer:
                 zone=t.zone,
                 state=self.board.state(tid),
                 since=self.board.since(tid),
+                ever_healthy=self.board.served(tid),
                 passive=self.passive.stats(tid, now),
             )
             for tid, t in sorted(self.targets.items())

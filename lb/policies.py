@@ -6,7 +6,11 @@ and coerced from strings so the CLI and YAML share one path); its state lives in
 order does not matter: `velocity+dns-failover` and `dns-failover+velocity` build the same plans.
 
 Shared conventions:
-- "registered" = targets that are not draining or unused (`Snapshot.registered`); every share is of them.
+- "registered" = targets that are not draining or unused (`Snapshot.registered`); "served" = registered targets
+  that are or were in service since they registered (`Snapshot.served`). The limiters (panic, max-ejection,
+  velocity) take their shares of served targets by default (`base=served`), so new targets still in `initial`
+  neither inflate a budget nor raise a floor; `base=registered` takes them of every registered target.
+  min-healthy keeps AWS's rule: its percentage is of registered targets.
 - Thresholds apply per zone with cross-zone off and to the total with cross-zone on (AWS target-group
   health, research/aws-facts.md 4.3; Envoy computes panic per host set the same way).
 - Zone modes only ever escalate (`escalate`), so two policies that both set a mode agree in any order.
@@ -86,6 +90,14 @@ def _groups(snap: Snapshot) -> list[tuple[tuple[str, ...], list[TargetView]]]:
     if snap.cross_zone:
         return [(snap.zones, live)]
     return [((z,), [t for t in live if t.zone == z]) for z in snap.zones]
+
+
+Base = Literal["served", "registered"]
+
+
+def _base_of(targets: Iterable[TargetView], base: Base) -> list[TargetView]:
+    """The targets a limiter's shares are of (see `Base`): those that served, or every registered one."""
+    return [t for t in targets if base == "registered" or t.served]
 
 
 def _in_service_percent(targets: Sequence[TargetView], d: Decision) -> float:
@@ -356,7 +368,8 @@ class MinHealthy(BuiltinPolicy):
 
     Parameters:
     - `min_count`: minimum in-service targets (AWS `minimum_healthy_targets.count`, default 1); `off` = None.
-    - `min_percent`: minimum in-service percentage of registered targets (AWS `...percentage`, default off).
+    - `min_percent`: minimum in-service percentage of registered targets (AWS `...percentage`, default off),
+      new targets still `initial` included: that is AWS's rule, so unlike the limiters this has no `base`.
       Either threshold breached triggers the actions.
     - `actions`: `routing-failover` (the breached zone routes to all its targets, AWS
       `unhealthy_state_routing`) and/or `dns-failover` (the breached zone leaves DNS; if every zone would
@@ -458,6 +471,9 @@ class Panic(BuiltinPolicy):
     - `threshold_percent` (default 50): a zone (or, with cross-zone, the whole load balancer) whose
       in-service share of non-excluded registered targets is below this panics; 0 disables panic.
     - `fail_traffic` (default false): in panic route to none instead (Envoy `fail_traffic_on_panic`).
+    - `base` (default `served`): the share is of targets that are or were in service since they registered,
+      so a fleet's new, still-`initial` targets do not push it into panic; `registered` counts them too, as
+      Envoy counts hosts not yet checked (the reference behaviour).
     Excluded targets (e.g. flap-suppressed ones) leave the denominator but still get traffic in panic, as
     in Envoy. Source: Envoy `CommonLbConfig.healthy_panic_threshold`, `isHostSetInPanic`
     (research/policies.md 2.1). Envoy also truncates the threshold to whole percent; this keeps it exact.
@@ -472,6 +488,7 @@ class Panic(BuiltinPolicy):
     origin = "Envoy (healthy panic threshold; data-path confirmation lbsim)"
     threshold_percent: float = 50.0
     fail_traffic: bool = False
+    base: Base = "served"
     confirm_failures: int = _CONFIRM_FAILURES
     confirm_window_s: float = _CONFIRM_WINDOW_S
 
@@ -485,7 +502,7 @@ class Panic(BuiltinPolicy):
     def on_zones(self, snap: Snapshot, d: Decision) -> None:
         mode = ZoneMode.FAIL_CLOSED if self.fail_traffic else ZoneMode.PANIC
         for zones, targets in _groups(snap):
-            if self.in_panic(targets, d):
+            if self.in_panic(_base_of(targets, self.base), d):
                 for z in zones:
                     escalate(d, z, mode)
                 d.dead.update(
@@ -498,8 +515,10 @@ class MaxEjection(BuiltinPolicy):
     """Envoy / gRPC `max_ejection_percent`: cap the share of registered targets held out of service.
 
     Parameters:
-    - `max_percent` (default 10): the cap, in percent of registered targets (the whole load balancer, not
-      per zone, as Envoy does not check it per priority).
+    - `max_percent` (default 10): the cap, in percent of the targets that are or were in service (the whole
+      load balancer, not per zone, as Envoy does not check it per priority).
+    - `base` (default `served`): `registered` takes the percentage of every registered target, new ones
+      still `initial` included (Envoy's host count, the reference behaviour).
     - `semantics`: `inclusive` (default; Envoy since PR #27909, grpc-java #9489) ejects only if
       100*(ejected+1)/N <= max, so with 10% and fewer than 10 targets nothing is ejected; `before` (gRFC A50,
       grpc-go, Envoy before 2023) ejects if 100*ejected/N < max, so one ejection may overshoot.
@@ -521,6 +540,7 @@ class MaxEjection(BuiltinPolicy):
     max_percent: float = 10.0
     semantics: Literal["before", "inclusive"] = "inclusive"
     always_eject_one_host: bool = False
+    base: Base = "served"
     confirm_failures: int = _CONFIRM_FAILURES
     confirm_window_s: float = _CONFIRM_WINDOW_S
     _ejected: set[str] = field(default_factory=set, init=False, repr=False)
@@ -533,16 +553,16 @@ class MaxEjection(BuiltinPolicy):
     def stage(self) -> int:
         return Stage.CAP
 
-    def allows(self, ejected: int, registered: int) -> bool:
-        """Whether one more ejection is allowed with `ejected` active out of `registered` targets."""
+    def allows(self, ejected: int, base_count: int) -> bool:
+        """Whether one more ejection is allowed with `ejected` active out of `base_count` targets (see `base`)."""
         if self.always_eject_one_host and ejected == 0:
             return True
-        if registered <= 0:
+        if base_count <= 0:
             return False
         # Multiplied out rather than divided, so 2 of 20 at 10% is exactly at the cap.
         if self.semantics == "before":
-            return 100.0 * ejected < self.max_percent * registered - _EPS
-        return 100.0 * (ejected + 1) <= self.max_percent * registered + _EPS
+            return 100.0 * ejected < self.max_percent * base_count - _EPS
+        return 100.0 * (ejected + 1) <= self.max_percent * base_count + _EPS
 
     def on_targets(self, snap: Snapshot, d: Decision) -> None:
         live = snap.registered()
@@ -553,7 +573,7 @@ class MaxEjection(BuiltinPolicy):
         ):
             if confirmed_down(t, snap.now, self.confirm_failures, self.confirm_window_s):
                 continue  # out of service, but not one of the cap's ejections
-            if self.allows(len(self._ejected), len(live)):
+            if self.allows(len(self._ejected), len(_base_of(live, self.base))):
                 self._ejected.add(t.id)
             else:
                 _restore(d, t.id)
@@ -566,13 +586,16 @@ class Velocity(BuiltinPolicy):
     """Velocity control (AWS's post-incident fix): limit how fast health checks may remove capacity.
 
     Parameters:
-    - `max_removed_percent` (default 10): capacity that may be removed per window, in percent of registered
-      targets; at least `min_budget` targets (default 1, so a small fleet can still shed one bad target, as
-      Envoy's `always_eject_one_host`; 0 makes the percentage strict).
+    - `max_removed_percent` (default 10): capacity that may be removed per window, in percent of the
+      targets that are or were in service; at least `min_budget` targets (default 1, so a small fleet can
+      still shed one bad target, as Envoy's `always_eject_one_host`; 0 makes the percentage strict).
     - `window_s` (default 300): the sliding window. Removals are remembered with their times; restorations
       are free.
     - `floor_percent` (default 50): never let its own removals take in-service capacity below this share
-      of registered targets.
+      of the targets that are or were in service.
+    - `base` (default `served`): what both shares are of. `served` leaves out targets that never served
+      since they registered: 18 new instances still `initial` next to 12 serving ones must not raise the
+      floor to 15 (blocking every removal) nor the budget to 3. `registered` counts every registered target.
     Both kinds of removal share the budget: a target leaving service costs 1 (target phase), a zone leaving
     DNS costs the in-service targets it holds (DNS phase; a zone with none is free). A removal that does not
     fit is withheld: the target stays in service, the zone stays published, and it is counted. Source: the
@@ -591,6 +614,7 @@ class Velocity(BuiltinPolicy):
     window_s: float = 300.0
     floor_percent: float = 50.0
     min_budget: int = 1
+    base: Base = "served"
     confirm_failures: int = _CONFIRM_FAILURES
     confirm_window_s: float = _CONFIRM_WINDOW_S
     _log: deque[tuple[float, int]] = field(default_factory=deque, init=False, repr=False)
@@ -607,11 +631,13 @@ class Velocity(BuiltinPolicy):
     def stage(self) -> int:
         return Stage.ACCOUNT
 
-    def budget(self, registered: int) -> float:
-        return max(float(self.min_budget), self.max_removed_percent * registered / 100.0)
+    def budget(self, base_count: int) -> float:
+        """Capacity that may be removed per window, out of `base_count` targets (see `base`)."""
+        return max(float(self.min_budget), self.max_removed_percent * base_count / 100.0)
 
-    def floor(self, registered: int) -> float:
-        return self.floor_percent * registered / 100.0
+    def floor(self, base_count: int) -> float:
+        """In-service capacity its removals never go below, out of `base_count` targets (see `base`)."""
+        return self.floor_percent * base_count / 100.0
 
     def used(self, now: float) -> int:
         """Capacity removed within the window ending at `now` (older entries are dropped)."""
@@ -619,9 +645,9 @@ class Velocity(BuiltinPolicy):
             self._log.popleft()
         return sum(cost for _, cost in self._log)
 
-    def _fits(self, used: int, cost: int, capacity: int, registered: int) -> bool:
+    def _fits(self, used: int, cost: int, capacity: int, base_count: int) -> bool:
         return (
-            used + cost <= self.budget(registered) + _EPS and capacity - cost >= self.floor(registered) - _EPS
+            used + cost <= self.budget(base_count) + _EPS and capacity - cost >= self.floor(base_count) - _EPS
         )
 
     def on_targets(self, snap: Snapshot, d: Decision) -> None:
@@ -640,8 +666,9 @@ class Velocity(BuiltinPolicy):
             if leaving:
                 used = self.used(snap.now)
                 capacity = sum(1 for t in live if t.id in d.in_service) + len(leaving)
+                n = len(_base_of(live, self.base))
                 for t in leaving:
-                    if self._fits(used, 1, capacity, len(live)):
+                    if self._fits(used, 1, capacity, n):
                         self._log.append((snap.now, 1))
                         used += 1
                         capacity -= 1
@@ -660,11 +687,12 @@ class Velocity(BuiltinPolicy):
             if leaving:
                 used = self.used(snap.now)
                 capacity = sum(held[z] for z in snap.zones if d.dns[z]) + sum(held[z] for z in leaving)
+                n = len(_base_of(live, self.base))
                 for z in leaving:
                     cost = held[z]
                     if cost == 0:
                         continue  # a zone holding no in-service target removes no capacity
-                    if self._fits(used, cost, capacity, len(live)):
+                    if self._fits(used, cost, capacity, n):
                         self._log.append((snap.now, cost))
                         used += cost
                         capacity -= cost

@@ -52,6 +52,16 @@ class TargetView:
     state: TargetState
     since: float  # sim time the merged state last changed
     passive: PassiveStats = PassiveStats()
+    # Healthy at some point since it registered (the health board tracks it). None when the caller does not
+    # track it: then every target past `initial` counts as having served.
+    ever_healthy: bool | None = None
+
+    @property
+    def served(self) -> bool:
+        """Whether the target is or was in service since it registered (an `initial` one never was)."""
+        if self.ever_healthy is None:
+            return self.state != TargetState.INITIAL
+        return self.ever_healthy or self.state == TargetState.HEALTHY
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,11 @@ class Snapshot:
     def registered(self) -> list[TargetView]:
         """Targets that count as capacity: everything not draining or unused."""
         return [t for t in self.targets if t.state not in (TargetState.DRAINING, TargetState.UNUSED)]
+
+    def served(self) -> list[TargetView]:
+        """Registered targets that are or were in service since they registered (`TargetView.served`): the
+        capacity a limiter protects. New targets still in `initial`, or that failed their first checks, are not."""
+        return [t for t in self.registered() if t.served]
 
 
 @dataclass(slots=True)

@@ -51,12 +51,15 @@ _LETTERS = {"H": H, "U": U, "I": INIT, "D": DRAIN}
 
 class Driver:
     """Feeds an engine successive fleets written as {"a": "HHU", ...} (target ids a0, a1, a2, ...),
-    keeping each target's `since` the way the health board does: the time its state last changed."""
+    keeping each target's `since` the way the health board does: the time its state last changed; and whether it
+    has served since it registered. A target first seen healthy or unhealthy was in service before (a run that
+    starts in service); one first seen initial has not served until it is healthy."""
 
     def __init__(self, policies: Sequence[Policy], cross_zone: bool = False) -> None:
         self.engine = PolicyEngine(policies)
         self.cross_zone = cross_zone
         self._last: dict[str, tuple[TargetState, float]] = {}
+        self._served: set[str] = set()
 
     def snapshot(
         self, now: float, zones: Mapping[str, str], passive: Mapping[str, PassiveStats] | None = None
@@ -68,8 +71,14 @@ class Driver:
                 state = _LETTERS[letter]
                 prev = self._last.get(tid)
                 since = prev[1] if prev is not None and prev[0] == state else now
+                if state == H or (prev is None and state != INIT):
+                    self._served.add(tid)
+                elif state == INIT:
+                    self._served.discard(tid)
                 self._last[tid] = (state, since)
-                views.append(TargetView(tid, zone, state, since, (passive or {}).get(tid, PassiveStats())))
+                views.append(
+                    TargetView(tid, zone, state, since, (passive or {}).get(tid, PassiveStats()), tid in self._served)
+                )
         return Snapshot(now, tuple(zones), tuple(sorted(views, key=lambda t: t.id)), self.cross_zone)
 
     def step(
@@ -368,18 +377,26 @@ fleet_states = st.dictionaries(
 
 
 @settings(max_examples=150, deadline=None)
-@given(fleet_states, st.booleans(), st.sampled_from([0.0, 25.0, 50.0, 70.0, 100.0]), st.booleans())
+@given(
+    fleet_states,
+    st.booleans(),
+    st.sampled_from([0.0, 25.0, 50.0, 70.0, 100.0]),
+    st.booleans(),
+    st.sampled_from(["served", "registered"]),
+)
 def test_panic_routes_to_all_exactly_when_below_threshold(
-    zones: dict[str, str], cross_zone: bool, threshold: float, fail_traffic: bool
+    zones: dict[str, str], cross_zone: bool, threshold: float, fail_traffic: bool, base: str
 ) -> None:
-    drv = Driver([Panic(threshold_percent=threshold, fail_traffic=fail_traffic)], cross_zone=cross_zone)
+    panic = Panic(threshold_percent=threshold, fail_traffic=fail_traffic, base=base)  # type: ignore[arg-type]
+    drv = Driver([panic], cross_zone=cross_zone)
     snap = drv.snapshot(0, zones)
     plan = drv.engine.step(snap)
     live = snap.registered()
     for z in snap.zones:
         group = live if cross_zone else [t for t in live if t.zone == z]
-        healthy = sum(1 for t in group if t.state == H)
-        share = 100 * healthy / len(group) if group else 0.0
+        counted = [t for t in group if base == "registered" or t.state != INIT]  # first seen: served unless new
+        healthy = sum(1 for t in counted if t.state == H)
+        share = 100 * healthy / len(counted) if counted else 0.0
         panics = threshold > 0 and share < threshold
         expected_mode = (
             (ZoneMode.FAIL_CLOSED if fail_traffic else ZoneMode.PANIC) if panics else ZoneMode.NORMAL
@@ -587,6 +604,73 @@ def test_max_ejection_never_ejects_more_than_its_share(
         if plan.withheld:  # it withholds only what the cap forbids
             assert not m.allows(e, n)
         ever_in |= plan.in_service
+
+
+# ---------------------------------------------------------------------------------------------------------
+# base: shares of targets that served, or of every registered target
+
+
+def test_target_view_served() -> None:
+    assert not TargetView("a0", "a", INIT, 0.0).served  # untracked: judged by its state
+    assert TargetView("a0", "a", U, 0.0).served
+    assert not TargetView("a0", "a", U, 0.0, ever_healthy=False).served  # failed its first checks
+    assert TargetView("a0", "a", H, 0.0, ever_healthy=False).served  # healthy now is in service now
+    assert TargetView("a0", "a", U, 0.0, ever_healthy=True).served
+
+
+NEW_FLEET = "H" * 12 + "I" * 18  # 12 serving targets next to 18 new ones, as in aws-2025-10-20
+
+
+@pytest.mark.parametrize(("base", "ejected"), [("served", True), ("registered", False)])
+def test_velocity_counts_only_targets_that_served(base: str, ejected: bool) -> None:
+    """With 18 new targets counted, the floor is 15 of 30 > 12 in service: the failing target is withheld.
+    Counting the 12 that serve, the floor is 6 and the budget max(1, 1.2): it leaves."""
+    v = Velocity(base=base)  # type: ignore[arg-type]
+    drv = Driver([v])
+    drv.step(0, {"a": NEW_FLEET})
+    plan = drv.step(10, {"a": "U" + NEW_FLEET[1:]})
+    assert ("a0" not in plan.in_service) is ejected
+    assert plan.withheld == ({} if ejected else {"velocity": 1})
+
+
+def test_velocity_counts_new_targets_once_they_serve_and_never_those_that_failed_first() -> None:
+    v = Velocity(max_removed_percent=10, window_s=1000, floor_percent=50, min_budget=0)
+    drv = Driver([v])
+    drv.step(0, {"a": "HHHHHHHHHH" + "IIIIIIIIII"})  # 10 served: budget 1
+    plan = drv.step(1, {"a": "UHHHHHHHHH" + "IIIIIIIIII"})
+    assert "a0" not in plan.in_service  # 1 of budget 1
+    plan = drv.step(2, {"a": "UUHHHHHHHH" + "IIIIIIIIII"})
+    assert "a1" in plan.in_service and plan.withheld == {"velocity": 1}
+    # Ten new targets fail their first checks: never in service, they neither add budget nor raise the floor.
+    plan = drv.step(3, {"a": "UUHHHHHHHH" + "UUUUUUUUUU"})
+    assert "a1" in plan.in_service and plan.withheld == {"velocity": 1}
+    # Once they pass, 20 have served: budget 2, so a1 may go now.
+    plan = drv.step(4, {"a": "UUHHHHHHHH" + "HHHHHHHHHH"})
+    assert "a1" not in plan.in_service and plan.withheld == {}
+
+
+@pytest.mark.parametrize(("base", "out"), [("served", 1), ("registered", 2)])
+def test_max_ejection_cap_is_a_share_of_targets_that_served(base: str, out: int) -> None:
+    m = MaxEjection(max_percent=10, base=base)  # type: ignore[arg-type]
+    drv = Driver([m])
+    drv.step(0, {"a": "H" * 10 + "I" * 10})
+    plan = drv.step(1, {"a": "UU" + "H" * 8 + "I" * 10})
+    assert len(out_of_service(plan, ["a0", "a1"])) == out
+    assert plan.withheld == ({"max-ejection": 1} if out == 1 else {})
+
+
+@pytest.mark.parametrize(("base", "mode"), [("served", ZoneMode.NORMAL), ("registered", ZoneMode.PANIC)])
+def test_panic_share_of_targets_that_served(base: str, mode: ZoneMode) -> None:
+    """4 serving targets and 6 new ones: 100% of those that served, 40% of those registered."""
+    plan = Driver([Panic(base=base)]).step(0, {"a": "HHHH" + "IIIIII"})  # type: ignore[arg-type]
+    assert plan.zone_mode["a"] == mode
+
+
+def test_min_healthy_keeps_aws_rule_over_registered_targets() -> None:
+    plan = Driver([MinHealthy(min_percent=50, actions=frozenset({"routing-failover"}))]).step(
+        0, {"a": "HHHH" + "IIIIII"}
+    )
+    assert plan.zone_mode["a"] == ZoneMode.FAIL_OPEN  # 4 of 10 registered < 50%
 
 
 # ---------------------------------------------------------------------------------------------------------
