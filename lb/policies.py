@@ -27,7 +27,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from lb.policy import Decision, Policy, Snapshot, Stage, TargetView, ZoneMode, confirmed_down
+from lb.policy import (
+    Decision,
+    Policy,
+    Snapshot,
+    Stage,
+    TargetView,
+    WithholdReason,
+    ZoneMode,
+    confirmed_down,
+)
 from lb.targets import TargetState
 
 __all__ = [
@@ -526,8 +535,8 @@ class MaxEjection(BuiltinPolicy):
       active.
     An ejection is a registered target leaving service after having been in it. Candidates are admitted
     earliest-unhealthy first, then by id; admitted ones stay out while unhealthy; the others are kept in
-    service and counted as withheld (Envoy's `ejections_overflow`). Source: Envoy `DetectorImpl::ejectHost`,
-    research/policies.md 2.1 and 2.5.
+    service and counted as withheld with reason `cap` (Envoy's `ejections_overflow`). Source: Envoy
+    `DetectorImpl::ejectHost`, research/policies.md 2.1 and 2.5.
     Data-path confirmation (lbsim's addition; `confirm_failures=0` gives the reference behaviour exactly): a
     target that probes call unhealthy and whose last `confirm_failures` (default 3) real connections failed,
     the latest within `confirm_window_s` (default 30), is really down (`lb.policy.confirmed_down`).
@@ -577,7 +586,7 @@ class MaxEjection(BuiltinPolicy):
                 self._ejected.add(t.id)
             else:
                 _restore(d, t.id)
-                d.withhold(self.name, t.id)
+                d.withhold(self.name, t.id, WithholdReason.CAP)
         self._prev_in = {t.id for t in live if t.id in d.in_service}
 
 
@@ -598,7 +607,8 @@ class Velocity(BuiltinPolicy):
       floor to 15 (blocking every removal) nor the budget to 3. `registered` counts every registered target.
     Both kinds of removal share the budget: a target leaving service costs 1 (target phase), a zone leaving
     DNS costs the in-service targets it holds (DNS phase; a zone with none is free). A removal that does not
-    fit is withheld: the target stays in service, the zone stays published, and it is counted. Source: the
+    fit is withheld: the target stays in service, the zone stays published, and it is counted with its reason,
+    `floor` if it would break the floor, else `budget`. Source: the
     AWS summary of 2025-10-20 (research/aws-facts.md 2 step 8; no public setting exists, parameters are ours).
     Runs last in each phase (`Stage.ACCOUNT`) so it sees, and charges, every removal of the step.
     Data-path confirmation (lbsim's addition; `confirm_failures=0` gives the reference behaviour exactly): a
@@ -645,10 +655,14 @@ class Velocity(BuiltinPolicy):
             self._log.popleft()
         return sum(cost for _, cost in self._log)
 
-    def _fits(self, used: int, cost: int, capacity: int, base_count: int) -> bool:
-        return (
-            used + cost <= self.budget(base_count) + _EPS and capacity - cost >= self.floor(base_count) - _EPS
-        )
+    def refusal(self, used: int, cost: int, capacity: int, base_count: int) -> WithholdReason | None:
+        """Why a removal of `cost` does not fit, or None if it does. The floor is named first: waiting for the
+        window to renew the budget would not let such a removal through."""
+        if capacity - cost < self.floor(base_count) - _EPS:
+            return WithholdReason.FLOOR
+        if used + cost > self.budget(base_count) + _EPS:
+            return WithholdReason.BUDGET
+        return None
 
     def on_targets(self, snap: Snapshot, d: Decision) -> None:
         live = snap.registered()
@@ -668,13 +682,14 @@ class Velocity(BuiltinPolicy):
                 capacity = sum(1 for t in live if t.id in d.in_service) + len(leaving)
                 n = len(_base_of(live, self.base))
                 for t in leaving:
-                    if self._fits(used, 1, capacity, n):
+                    refused = self.refusal(used, 1, capacity, n)
+                    if refused is None:
                         self._log.append((snap.now, 1))
                         used += 1
                         capacity -= 1
                     else:
                         _restore(d, t.id)
-                        d.withhold(self.name, t.id)
+                        d.withhold(self.name, t.id, refused)
         self._prev_in = {t.id for t in live if t.id in d.in_service}
 
     def on_dns(self, snap: Snapshot, d: Decision) -> None:
@@ -692,13 +707,14 @@ class Velocity(BuiltinPolicy):
                     cost = held[z]
                     if cost == 0:
                         continue  # a zone holding no in-service target removes no capacity
-                    if self._fits(used, cost, capacity, n):
+                    refused = self.refusal(used, cost, capacity, n)
+                    if refused is None:
                         self._log.append((snap.now, cost))
                         used += cost
                         capacity -= cost
                     else:
                         d.dns[z] = True
-                        d.withhold(self.name, f"zone:{z}")
+                        d.withhold(self.name, f"zone:{z}", refused)
         self._prev_dns = {z for z in snap.zones if d.dns[z]}
 
 
@@ -806,9 +822,9 @@ class PassiveChecks(BuiltinPolicy):
       out of ejection, as in Envoy and gRFC A50. Only failures after an ejection ends count towards the next.
     Keep serving (`keep_serving`, default true; beyond every reference): a target that is unhealthy by
     probes but has served at least `min_successes` (3) real connections within the last `success_window_s`
-    (30) and has no consecutive failure stays in service, counted as withheld. That was the outage's case:
-    probes failing on targets that served fine. Reads `TargetView.passive` (see `lb.passive`), which keeps the
-    last 32 success times, so `min_successes` above 32 can never be met.
+    (30) and has no consecutive failure stays in service, counted as withheld with reason `keep-serving`.
+    That was the outage's case: probes failing on targets that served fine. Reads `TargetView.passive` (see
+    `lb.passive`), which keeps the last 32 success times, so `min_successes` above 32 can never be met.
     Sources: research/policies.md 2.1 (Envoy outlier table), 2.2 (HAProxy observe / error-limit).
     """
 
@@ -905,7 +921,7 @@ class PassiveChecks(BuiltinPolicy):
                 and self.serving(t, now)
             ):
                 d.in_service.add(t.id)
-                d.withhold(self.name, t.id)
+                d.withhold(self.name, t.id, WithholdReason.KEEP_SERVING)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ SUMMARY_ROWS = [
     ("ejections", "ejections", "{}"),
     ("flaps", "flaps", "{}"),
     ("dns_failovers", "DNS failovers", "{}"),
+    ("withheld_by_reason", "removals withheld, by reason", "{}"),
     ("time_to_detect_s", "time to detect a failure (sim s)", "{:.1f}"),
     ("time_to_recover_s", "time to recover (sim s)", "{:.1f}"),
     ("fail_open_zone_seconds", "fail-open (zone-s)", "{:.0f}"),
@@ -140,6 +141,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     for key, label, fmt in SUMMARY_ROWS:
         v = summary.get(key)
+        if isinstance(v, dict):  # counts by name: the non-zero ones
+            table.add_row(label, escape(", ".join(f"{k} {n}" for k, n in v.items() if n) or "0"))
+            continue
         table.add_row(label, "-" if v is None else fmt.format(v))
     return table
 

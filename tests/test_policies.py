@@ -40,6 +40,7 @@ from lb.policy import (
     Snapshot,
     Stage,
     TargetView,
+    WithholdReason,
     ZoneMode,
     confirmed_down,
 )
@@ -802,6 +803,50 @@ def test_velocity_never_exceeds_budget_or_breaks_floor(
                 assert published >= floor_count - 1e-9
             assert sum(c for at, c in log if at > now - window) <= budget + 1e-9
         prev = plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# why a removal was withheld
+
+
+def test_velocity_names_the_floor_or_the_budget() -> None:
+    v = Velocity(max_removed_percent=20, window_s=60, floor_percent=80)  # of 10: budget 2, floor 8
+    drv = Driver([v])
+    drv.step(0, {"a": "H" * 10})
+    plan = drv.step(1, {"a": "UUU" + "H" * 7})  # 2 fit; the third is over the budget and below the floor
+    assert plan.withheld_reasons == {("velocity", WithholdReason.FLOOR): 1}
+    v2 = Velocity(max_removed_percent=20, window_s=60, floor_percent=0)
+    drv = Driver([v2])
+    drv.step(0, {"a": "H" * 10})
+    plan = drv.step(1, {"a": "UUU" + "H" * 7})
+    assert plan.withheld_reasons == {("velocity", WithholdReason.BUDGET): 1}
+    assert ("velocity", "a2", WithholdReason.BUDGET) in plan.withheld_subjects
+
+
+def test_velocity_names_the_reason_of_a_withheld_zone() -> None:
+    v = Velocity(max_removed_percent=10, floor_percent=0)  # of 12: a budget of 1.2
+    drv = Driver([DnsFailover(min_healthy=4), v])
+    drv.step(0, {"a": "HHHH", "b": "HHHH", "c": "HHHH"})
+    plan = drv.step(1, {"a": "HHHH", "b": "HHHH", "c": "UHHH"})  # c0 goes (1 of 1.2); c would leave DNS, cost 3
+    assert plan.dns["c"]
+    assert ("velocity", "zone:c", WithholdReason.BUDGET) in plan.withheld_subjects
+
+
+def test_max_ejection_and_passive_reasons() -> None:
+    plan = _eject_all(MaxEjection(max_percent=50), 4)[1]
+    assert plan.withheld_reasons == {("max-ejection", WithholdReason.CAP): 2}
+    serving = PassiveStats(successes=5, last_success_at=9.0, recent_success_times=(7.0, 8.0, 9.0))
+    drv = Driver([PassiveChecks()])
+    drv.step(0, {"a": "HH"})
+    plan = drv.step(10, {"a": "UH"}, {"a0": serving})
+    assert plan.withheld_reasons == {("passive", WithholdReason.KEEP_SERVING): 1}
+
+
+def test_a_policy_that_gives_no_reason_is_counted_as_other() -> None:
+    d = Decision(in_service=set(), zone_mode={}, dns={})
+    d.withhold("mine", "a0")
+    assert d.withheld_reasons == {("mine", WithholdReason.OTHER): 1}
+    assert d.withheld_subjects == {("mine", "a0", WithholdReason.OTHER)}
 
 
 # ---------------------------------------------------------------------------------------------------------
