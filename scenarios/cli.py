@@ -472,7 +472,7 @@ def policies() -> None:
     for name, cls in sorted(POLICY_TYPES.items()):
         defaults = ", ".join(f"{k}={_fmt_default(v)}" for k, v in cls().params().items()) if issubclass(
             cls, BuiltinPolicy) else ""
-        table.add_row(name, (cls.__doc__ or "").strip().split("\n")[0], defaults, cls.origin)
+        table.add_row(name, escape((cls.__doc__ or "").strip().split("\n")[0]), escape(defaults), escape(cls.origin))
     for name, spec in sorted(PRESETS.items()):
         table.add_row(f"{name} (preset)", spec, "", "")
     out.print(table)

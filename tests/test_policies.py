@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import pytest
 from hypothesis import given, settings
@@ -24,13 +25,16 @@ from lb.policies import (
     PassiveChecks,
     PolicyError,
     Velocity,
+    builtin_policy,
     describe_policies,
     load_policy_class,
     make_policy,
     parse_policy_spec,
+    register,
     register_policy,
     set_policy_param,
 )
+from lb.policies.base import NAMES, Positive
 from lb.policy import (
     Decision,
     PassiveStats,
@@ -176,17 +180,21 @@ def test_describe_policies() -> None:
         ),
         (
             "max-ejection(semantics=after)",
-            "max-ejection.semantics must be one of 'before', 'inclusive', got 'after'",
+            "max-ejection.semantics: input should be 'before' or 'inclusive', got 'after'",
         ),
-        ("panic(threshold_percent=150)", "panic: threshold_percent must be between 0 and 100, got 150"),
-        ("panic(fail_traffic=maybe)", "panic.fail_traffic must be true or false"),
-        ("dns-failover(min_healthy=1.5)", "dns-failover.min_healthy must be a whole number, got '1.5'"),
-        ("velocity(window_s=soon)", "velocity.window_s must be a number, got 'soon'"),
-        ("velocity(window_s=0)", "velocity: window_s must be > 0"),
+        ("panic(threshold_percent=150)", "panic.threshold_percent: input should be less than or equal to 100, got"),
+        ("panic(fail_traffic=maybe)", "panic.fail_traffic: input should be true or false, got 'maybe'"),
+        ("dns-failover(min_healthy=1.5)", "dns-failover.min_healthy: input should be a valid integer"),
+        ("velocity(window_s=soon)", "velocity.window_s: input should be a valid number, unable to parse string"),
+        ("velocity(window_s=0)", "velocity.window_s: input should be greater than 0, got '0'"),
+        ("velocity(window_s=nan)", "velocity.window_s: input should be a finite number"),
+        ("velocity(base=all)", "velocity.base: input should be 'served' or 'registered', got 'all'"),
+        ("min-healthy(min_count=0)", "min-healthy.min_count: input should be greater than or equal to 1"),
         (
             "min-healthy(actions=[fail-over])",
-            "actions must be a non-empty subset of ['dns-failover', 'routing-failover']",
+            "min-healthy.actions: input should be 'routing-failover' or 'dns-failover', got 'fail-over'",
         ),
+        ("min-healthy(actions=[])", "min-healthy.actions: frozenset should have at least 1 item"),
         ("min-healthy(min_count=off)", "set min_count or min_percent"),
         ("flap-damping(reuse_threshold=3000)", "need 0 < reuse_threshold < suppress_threshold"),
         ("flap-damping(max_suppress_s=1)", "penalty ceiling"),
@@ -222,7 +230,7 @@ def test_set_param_validates_and_reverts() -> None:
     v = Velocity()
     v.set_param("window_s", "60")
     assert v.window_s == 60.0
-    with pytest.raises(PolicyError, match="window_s must be > 0"):
+    with pytest.raises(PolicyError, match=r"velocity\.window_s: input should be greater than 0, got -1"):
         v.set_param("window_s", -1)
     assert v.window_s == 60.0
     with pytest.raises(PolicyError, match="no parameter 'speed'; allowed: max_removed_percent"):
@@ -273,6 +281,44 @@ def test_load_policy_class_and_register(monkeypatch: pytest.MonkeyPatch) -> None
     [p] = parse_policy_spec("drop(zone=b)")
     plan = Driver([p]).step(0, {"a": "H", "b": "H"})
     assert plan.dns == {"a": True, "b": False}
+
+
+def test_each_builtin_is_registered_by_its_own_module() -> None:
+    modules = {name: POLICY_TYPES[name].__module__ for name in (
+        "naive", "fail-open", "min-healthy", "dns-failover", "panic", "max-ejection", "velocity", "flap-damping",
+        "passive")}
+    assert modules["velocity"] == "lb.policies.velocity" and modules["fail-open"] == "lb.policies.fail_open"
+    assert len(set(modules.values())) == len(modules)  # one module each
+    for name in modules:
+        assert builtin_policy(name) is POLICY_TYPES[name]
+    assert builtin_policy("nope") is None
+
+    @dataclass(eq=False)
+    class Mine(Naive):
+        """A user's policy: not a built-in, even once registered."""
+
+        name = "velocity"
+
+    with pytest.raises(PolicyError, match="already taken"):
+        register(Mine)
+
+
+def test_a_user_policy_gets_its_parameters_validated_from_its_annotations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(POLICY_TYPES, "slow", Slow)
+    [p] = parse_policy_spec("slow(delay_s=2.5,zones=[a,b])")
+    assert isinstance(p, Slow) and p.delay_s == 2.5 and p.zones == frozenset({"a", "b"})
+    assert builtin_policy("slow") is None  # registered, but not a built-in
+    with pytest.raises(PolicyError, match=r"slow\.delay_s: input should be greater than 0, got '-1'"):
+        parse_policy_spec("slow(delay_s=-1)")
+
+
+@dataclass(eq=False)
+class Slow(BuiltinPolicy):
+    """Test policy with constrained parameters (module level, so its annotations resolve)."""
+
+    name = "slow"
+    delay_s: Positive = 1.0
+    zones: Annotated[frozenset[str], NAMES] = frozenset()
 
 
 def test_reset_forgets_state() -> None:
