@@ -663,6 +663,10 @@ def test_target_view_served() -> None:
     assert not TargetView("a0", "a", U, 0.0, ever_healthy=False).served  # failed its first checks
     assert TargetView("a0", "a", H, 0.0, ever_healthy=False).served  # healthy now is in service now
     assert TargetView("a0", "a", U, 0.0, ever_healthy=True).served
+    snap = Snapshot(0, ("a",), (TargetView("a0", "a", H, 0.0), TargetView("a1", "a", INIT, 0.0),
+                                TargetView("a2", "a", U, 0.0, ever_healthy=False), TargetView("a3", "a", DRAIN, 0.0)))
+    assert [t.id for t in snap.served()] == ["a0"]
+    assert [t.id for t in snap.registered()] == ["a0", "a1", "a2"]
 
 
 NEW_FLEET = "H" * 12 + "I" * 18  # 12 serving targets next to 18 new ones, as in aws-2025-10-20

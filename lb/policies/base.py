@@ -46,7 +46,6 @@ def _split_names(value: Any) -> Any:
 
 OFF = BeforeValidator(_off_is_none)  # for `X | None` parameters
 NAMES = BeforeValidator(_split_names)  # for set-of-names parameters
-Number = Annotated[float, Field(allow_inf_nan=False)]
 Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a duration in sim seconds, a penalty, ...
 
