@@ -24,7 +24,7 @@ from lb.dnsview import DnsView
 from lb.health import AWS_DEFAULT_HEALTHY_THRESHOLD, AWS_DEFAULT_UNHEALTHY_THRESHOLD, HealthBoard, Transition
 from lb.metrics import LbMetrics
 from lb.passive import PassiveTracker
-from lb.policy import Policy, PolicyEngine, RoutingPlan, Snapshot, TargetView, ZoneMode
+from lb.policy import Policy, PolicyEngine, RoutingPlan, Snapshot, TargetView, WithholdReason, ZoneMode
 from lb.proxy import ConnectionReport, ConnOutcome, NodeProxy
 from lb.select import FlowHashSelector, RoundRobinSelector
 from lb.targets import ProbeOutcome, Target, TargetState
@@ -61,7 +61,7 @@ class LbEvent:
     """Something the balancer did, for a run's event log."""
 
     at: float
-    kind: str  # transition | ejected | admitted | restored | dns_removed | dns_added | mode
+    kind: str  # transition | ejected | admitted | restored | dns_removed | dns_added | mode | withheld
     subject: str
     detail: str = ""
 
@@ -103,7 +103,7 @@ class LoadBalancer:
         self._dirty = asyncio.Event()
         self._known_zone_modes: dict[str, ZoneMode] = {}
         self._admitted: set[str] = set()  # targets that have been in service at least once
-        self._withheld_before: frozenset[tuple[str, str]] = frozenset()
+        self._withheld_before: frozenset[tuple[str, str, WithholdReason]] = frozenset()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -217,6 +217,7 @@ class LoadBalancer:
                 zone=t.zone,
                 state=self.board.state(tid),
                 since=self.board.since(tid),
+                ever_healthy=self.board.served(tid),
                 passive=self.passive.stats(tid, now),
             )
             for tid, t in sorted(self.targets.items())
@@ -308,9 +309,11 @@ class LoadBalancer:
         now = snap.now
         m = self.metrics
         m.sim_time.set(now)
-        # A protection holds the same target back at every step; count each hold once, when it begins.
-        for policy, _ in plan.withheld_subjects - self._withheld_before:
-            m.withheld.labels(policy).inc()
+        # A protection holds the same target back at every step; count each hold once, when it begins (a hold
+        # whose reason changes, from the floor to the budget say, begins again under the new reason).
+        for policy, subject, reason in sorted(plan.withheld_subjects - self._withheld_before):
+            m.withheld.labels(policy, reason.value).inc()
+            self._emit(LbEvent(now, "withheld", subject, f"{policy}/{reason.value}"))
         self._withheld_before = plan.withheld_subjects
         states = {t.id: t.state for t in snap.targets}
         leaving = {TargetState.DRAINING, TargetState.UNUSED}

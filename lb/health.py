@@ -179,6 +179,9 @@ class HealthBoard:
         self._views: dict[str, dict[str, TargetHealth]] = {}
         self._merged: dict[str, TargetState] = {}
         self._since: dict[str, float] = {}
+        # Targets that have been healthy since they (last) registered: the ones that ever served. Limiters take
+        # their shares of these, so a fleet's new, still-initial targets do not count as capacity to protect.
+        self._served: set[str] = set()
         self.transitions_total = 0
 
     def register(self, target: str, now: float, state: TargetState = TargetState.INITIAL) -> None:
@@ -194,6 +197,10 @@ class HealthBoard:
         }
         self._merged[target] = state
         self._since[target] = now
+        if state == TargetState.HEALTHY:
+            self._served.add(target)
+        else:
+            self._served.discard(target)  # a new life: what it did before it was deregistered does not count
 
     def deregister(self, target: str, now: float, delay_s: float) -> Transition | None:
         if target not in self._views:
@@ -206,6 +213,7 @@ class HealthBoard:
         self._views.pop(target, None)
         self._merged.pop(target, None)
         self._since.pop(target, None)
+        self._served.discard(target)
 
     def record(self, node: str, target: str, ok: bool, now: float) -> Transition | None:
         """Feed one probe verdict from one node; return the merged transition it caused, if any."""
@@ -235,6 +243,10 @@ class HealthBoard:
     def since(self, target: str) -> float:
         return self._since[target]
 
+    def served(self, target: str) -> bool:
+        """Whether the target has been healthy (merged verdict) at some point since it registered."""
+        return target in self._served
+
     def node_state(self, node: str, target: str) -> TargetState:
         return self._views[target][node].state
 
@@ -247,5 +259,7 @@ class HealthBoard:
             return None
         self._merged[target] = new
         self._since[target] = now
+        if new == TargetState.HEALTHY:
+            self._served.add(target)
         self.transitions_total += 1
         return Transition(target, old, new, now)

@@ -17,7 +17,7 @@ _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 class LbMetrics:
-    """Every series the load balancer exports. Labels stay low-cardinality: zone, state, result, policy."""
+    """Every series the load balancer exports. Labels stay low-cardinality: zone, state, result, policy, reason."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -46,8 +46,10 @@ class LbMetrics:
         self.ejections = Counter("lbsim_ejections_total", "Targets taken out of service", registry=r)
         self.restorations = Counter("lbsim_restorations_total", "Targets returned to service after an ejection",
                                     registry=r)
-        self.withheld = Counter("lbsim_ejections_withheld_total", "Ejections or removals a protection withheld",
-                                ["policy"], registry=r)
+        # reason: one of lb.policy.WithholdReason (budget, floor, cap, keep-serving, other).
+        self.withheld = Counter("lbsim_ejections_withheld_total",
+                                "Ejections or removals a protection withheld, by policy and why",
+                                ["policy", "reason"], registry=r)
         self.zone_mode = Gauge("lbsim_zone_mode", "1 for the routing mode each zone node is in",
                                ["zone", "mode"], registry=r)
         self.zone_in_dns = Gauge("lbsim_zone_in_dns", "1 if the zone's node is published in DNS", ["zone"],

@@ -31,6 +31,19 @@ class ZoneMode(StrEnum):
     FAIL_CLOSED = "fail_closed"  # route to none (Envoy fail_traffic_on_panic)
 
 
+class WithholdReason(StrEnum):
+    """Why a policy kept a target in service, or a zone in DNS, that the health signal would have removed.
+
+    A fixed set, so the `reason` label of `lbsim_ejections_withheld_total` stays low-cardinality.
+    """
+
+    BUDGET = "budget"  # velocity: the window's removal budget is spent
+    FLOOR = "floor"  # velocity: the removal would take in-service capacity below the floor
+    CAP = "cap"  # max-ejection: as many targets as the cap allows are ejected already
+    KEEP_SERVING = "keep-serving"  # passive: probes fail, but the target keeps serving real connections
+    OTHER = "other"  # a user policy that gave no reason
+
+
 @dataclass(frozen=True, slots=True)
 class PassiveStats:
     """What the data path saw of one target (filled by the proxy; all zero when there was no traffic)."""
@@ -52,6 +65,16 @@ class TargetView:
     state: TargetState
     since: float  # sim time the merged state last changed
     passive: PassiveStats = PassiveStats()
+    # Healthy at some point since it registered (the health board tracks it). None when the caller does not
+    # track it: then every target past `initial` counts as having served.
+    ever_healthy: bool | None = None
+
+    @property
+    def served(self) -> bool:
+        """Whether the target is or was in service since it registered (an `initial` one never was)."""
+        if self.ever_healthy is None:
+            return self.state != TargetState.INITIAL
+        return self.ever_healthy or self.state == TargetState.HEALTHY
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +93,11 @@ class Snapshot:
         """Targets that count as capacity: everything not draining or unused."""
         return [t for t in self.targets if t.state not in (TargetState.DRAINING, TargetState.UNUSED)]
 
+    def served(self) -> list[TargetView]:
+        """Registered targets that are or were in service since they registered (`TargetView.served`): the
+        capacity a limiter protects. New targets still in `initial`, or that failed their first checks, are not."""
+        return [t for t in self.registered() if t.served]
+
 
 @dataclass(slots=True)
 class Decision:
@@ -80,19 +108,30 @@ class Decision:
     dns: dict[str, bool]
     excluded: set[str] = field(default_factory=set)  # left out of percentage denominators
     withheld: Counter[str] = field(default_factory=Counter)  # policy name -> ejections it withheld this step
+    # (policy, reason) -> ejections it withheld this step for that reason
+    withheld_reasons: Counter[tuple[str, WithholdReason]] = field(default_factory=Counter)
     suppressed: set[str] = field(default_factory=set)  # targets a policy holds out of service
 
-    withheld_subjects: set[tuple[str, str]] = field(default_factory=set)  # (policy, target id or "zone:Z")
+    # (policy, target id or "zone:Z", reason)
+    withheld_subjects: set[tuple[str, str, WithholdReason]] = field(default_factory=set)
     # Targets no zone mode routes to, not even panic or fail-open: a policy put them here because health
     # checks and the data path agree they are down (see `confirmed_down`).
     dead: set[str] = field(default_factory=set)
 
-    def withhold(self, policy: str, subject: str | None = None, n: int = 1) -> None:
-        """Record that `policy` kept `subject` (a target, or "zone:NAME") from being removed at this step."""
+    def withhold(
+        self,
+        policy: str,
+        subject: str | None = None,
+        reason: WithholdReason = WithholdReason.OTHER,
+        n: int = 1,
+    ) -> None:
+        """Record that `policy` kept `subject` (a target, or "zone:NAME") from being removed at this step, and
+        why (`reason`, which the metric and the run summary report)."""
         if n > 0:
             self.withheld[policy] += n
+            self.withheld_reasons[(policy, reason)] += n
             if subject is not None:
-                self.withheld_subjects.add((policy, subject))
+                self.withheld_subjects.add((policy, subject, reason))
 
 
 def confirmed_down(t: TargetView, now: float, failures: int, window_s: float) -> bool:
@@ -173,7 +212,8 @@ class RoutingPlan:
     in_service: frozenset[str]
     excluded: frozenset[str]
     withheld: Mapping[str, int]
-    withheld_subjects: frozenset[tuple[str, str]]  # (policy, subject) pairs held back at this step
+    withheld_reasons: Mapping[tuple[str, WithholdReason], int]  # (policy, reason) -> withheld at this step
+    withheld_subjects: frozenset[tuple[str, str, WithholdReason]]  # (policy, subject, reason) held at this step
     ejected: tuple[str, ...]  # targets that left the service set at this step
     restored: tuple[str, ...]  # targets that joined it at this step
 
@@ -219,6 +259,7 @@ class PolicyEngine:
             in_service=in_service,
             excluded=frozenset(d.excluded),
             withheld=dict(d.withheld),
+            withheld_reasons=dict(d.withheld_reasons),
             withheld_subjects=frozenset(d.withheld_subjects),
             ejected=ejected,
             restored=restored,

@@ -122,6 +122,7 @@ SUMMARY_ROWS = [
     ("ejections", "ejections", "{}"),
     ("flaps", "flaps", "{}"),
     ("dns_failovers", "DNS failovers", "{}"),
+    ("withheld_by_reason", "removals withheld, by reason", "{}"),
     ("time_to_detect_s", "time to detect a failure (sim s)", "{:.1f}"),
     ("time_to_recover_s", "time to recover (sim s)", "{:.1f}"),
     ("fail_open_zone_seconds", "fail-open (zone-s)", "{:.0f}"),
@@ -140,6 +141,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     for key, label, fmt in SUMMARY_ROWS:
         v = summary.get(key)
+        if isinstance(v, dict):  # counts by name: the non-zero ones
+            table.add_row(label, escape(", ".join(f"{k} {n}" for k, n in v.items() if n) or "0"))
+            continue
         table.add_row(label, "-" if v is None else fmt.format(v))
     return table
 
@@ -469,7 +473,7 @@ def policies() -> None:
     for name, cls in sorted(POLICY_TYPES.items()):
         defaults = ", ".join(f"{k}={_fmt_default(v)}" for k, v in cls().params().items()) if issubclass(
             cls, BuiltinPolicy) else ""
-        table.add_row(name, (cls.__doc__ or "").strip().split("\n")[0], defaults, cls.origin)
+        table.add_row(name, escape((cls.__doc__ or "").strip().split("\n")[0]), escape(defaults), escape(cls.origin))
     for name, spec in sorted(PRESETS.items()):
         table.add_row(f"{name} (preset)", spec, "", "")
     out.print(table)

@@ -18,6 +18,8 @@ Definitions (sim seconds; a sample's state holds until the next sample):
   connections (routed from a zone node that DNS publishes).
 - ejections: targets taken out of service; flaps: returns to service after an ejection.
 - dns_failovers: zone nodes removed from DNS.
+- withheld_by_reason: removals the protections withheld (each hold of a target or zone counted once, when it
+  begins), by reason: every `lb.policy.WithholdReason`, zeros included.
 - checker_lateness_p99_s: 99th percentile of how late probes started against their schedule.
 - time_to_detect_s (mean) and time_to_detect_max_s: for each real failure (a registered target that could serve
   and was receiving new connections stops being able to serve), the time until it receives no more new
@@ -49,6 +51,8 @@ Headline = Literal[
 def beats(metric: Headline, value: float, baseline: float) -> bool:
     """Whether `value` is strictly better than `baseline` on a headline metric."""
     return value < baseline if metric.endswith("_target_seconds") else value > baseline
+
+from lb.policy import WithholdReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +200,14 @@ class EventTally:
     def __init__(self) -> None:
         self.ejections = self.flaps = self.dns_failovers = 0
         self._ejected_once: set[str] = set()
+        self.withheld: dict[str, int] = {r.value: 0 for r in WithholdReason}
 
-    def add(self, kind: str, subject: str) -> None:
-        if kind == "ejected":
+    def add(self, kind: str, subject: str, detail: str = "") -> None:
+        """One event; a `withheld` one's detail is `policy/reason`."""
+        if kind == "withheld":
+            reason = detail.rpartition("/")[2]
+            self.withheld[reason if reason in self.withheld else WithholdReason.OTHER.value] += 1
+        elif kind == "ejected":
             self.ejections += 1
             self._ejected_once.add(subject)
         elif kind == "restored" and subject in self._ejected_once:
@@ -208,6 +217,9 @@ class EventTally:
 
     def result(self) -> dict[str, int]:
         return {"ejections": self.ejections, "flaps": self.flaps, "dns_failovers": self.dns_failovers}
+
+    def withheld_by_reason(self) -> dict[str, int]:
+        return dict(self.withheld)
 
 
 def event_metrics(events: Iterable[tuple[str, str]]) -> dict[str, int]:

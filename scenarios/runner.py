@@ -180,7 +180,7 @@ class RunState:
     def add_event(self, entry: dict[str, Any]) -> None:
         """Tally every event; keep the first `max_events` (the start of the story, with the timeline's first
         events, is what events.jsonl is read for) and count the rest."""
-        self.event_tally.add(entry["kind"], entry["subject"])
+        self.event_tally.add(entry["kind"], entry["subject"], entry.get("detail", ""))
         if len(self.events) < self.max_events:
             self.events.append(entry)
         else:
@@ -660,6 +660,7 @@ class ScenarioRun:
         out.update(st.requests.result())
         out.update(st.capacity.result(self.end_sim))
         out.update(st.event_tally.result())  # every event, kept or dropped
+        out["withheld_by_reason"] = st.event_tally.withheld_by_reason()
         out["events_dropped"] = st.events_dropped
         out.update(st.recovery.result())
         out.update(st.modes.result(self.end_sim))

@@ -48,6 +48,7 @@ from lb.policies import (
     PRESETS,
     BuiltinPolicy,
     PolicyError,
+    builtin_policy,
     make_policy,
     parse_policy_spec,
     split_top,
@@ -464,10 +465,7 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 def _builtin_policy(name: str) -> type[BuiltinPolicy] | None:
     """The built-in policy class called `name`; None for unknown names and for classes registered by users."""
-    cls = POLICY_TYPES.get(name)
-    if isinstance(cls, type) and issubclass(cls, BuiltinPolicy) and cls.__module__ == BuiltinPolicy.__module__:
-        return cls
-    return None
+    return builtin_policy(name)
 
 
 def _builtin_names() -> str:

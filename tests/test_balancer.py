@@ -269,6 +269,38 @@ def test_broken_target_is_ejected_and_restored_within_the_check_bounds(fault: st
     run_on("asyncio", body)
 
 
+def test_a_withheld_ejection_is_counted_with_its_policy_and_reason() -> None:
+    """max-ejection at 10% of 6 targets may eject none: the broken target stays routed, and the hold is counted
+    once on `lbsim_ejections_withheld_total{policy, reason}` and logged as a `withheld` event."""
+    u = 2
+    withheld_by = u * INTERVAL + SLACK  # a refused probe fails at once (module docstring)
+
+    async def body() -> None:
+        rig = Rig("max-ejection", unhealthy_threshold=u)
+        await rig.start()
+        try:
+            lb, victim = rig.lb, "a-0"
+            await rig.steady()
+            t0_lo = rig.clock.now()
+            await rig.fleet.set_path(victim, "refuse")
+            t0_hi = rig.clock.now()
+            await rig.until(lambda: rig.event("withheld", victim) is not None,
+                            withheld_by + (t0_hi - t0_lo) + SLACK, f"{victim}'s ejection withheld")
+            held = rig.event("withheld", victim)
+            assert held is not None and held.detail == "max-ejection/cap"
+            assert lb.board.state(victim) is TargetState.UNHEALTHY and victim in rig.routed()
+            # Two more failing verdicts: the same hold goes on, and is not counted again.
+            await rig.until(lambda: sum(1 for r in rig.reports if r.target_id == victim) >= 3 * len(ZONES) + u,
+                            (u + 2) * INTERVAL + SLACK, "more probes of the victim")
+            assert rig.metric("lbsim_ejections_withheld_total", {"policy": "max-ejection", "reason": "cap"}) == 1
+            assert [e.subject for e in rig.events if e.kind == "withheld"] == [victim]
+            assert not any(e.kind == "ejected" for e in rig.events)
+        finally:
+            await rig.close()
+
+    run_on("asyncio", body)
+
+
 # -- the data path ---------------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lb.clock import ScaledClock
 from lb.policies import POLICY_TYPES, PRESETS
+from scenarios.cli import summary_table
 from scenarios.schema import builtin_names
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,6 +53,7 @@ SUMMARY_KEYS = {
     "scenario", "policy", "seed", "speed", "duration_s", "complete", "availability", "requests_total",
     "requests_failed", "min_routable_fraction", "capacity_lost_target_seconds", "false_ejection_target_seconds",
     "missed_ejection_target_seconds", "ejections", "flaps", "dns_failovers", "checker_lateness_p99_s",
+    "withheld_by_reason",
 }
 
 # Two zones x two targets; zone a's network dies at t=6 and never comes back. Check settings compressed like
@@ -620,3 +622,16 @@ def test_run_refuses_a_non_empty_or_unwritable_out_dir_before_starting(tmp_path:
               timeout=2 / 10 + START_LIMIT_S + EXIT_LIMIT_S)
     assert r.returncode == 0, r.stderr
     assert json.loads((used / "summary.json").read_text())["complete"] is True
+
+
+def test_summary_table_lists_withheld_removals_by_reason() -> None:
+    from rich.console import Console
+
+    summary = {"scenario": "s", "policy": "velocity", "seed": 1, "complete": True,
+               "withheld_by_reason": {"budget": 3, "floor": 0, "cap": 0, "keep-serving": 1, "other": 0}}
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary))
+    assert re.search(r"removals withheld, by reason\s*│\s*budget 3, keep-serving 1", console.export_text())
+    summary["withheld_by_reason"] = {"budget": 0}
+    console.print(summary_table(summary))
+    assert re.search(r"removals withheld, by reason\s*│\s*0 ", console.export_text())

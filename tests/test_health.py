@@ -119,3 +119,20 @@ def test_success_codes_and_aws_notes() -> None:
     assert aws_range_notes(30, 6, 5, 2, "200-399") == []
     notes = aws_range_notes(2, 1, 1, 11, "200-399")
     assert len(notes) == 4 and any("interval_s=2" in n for n in notes)
+
+
+def test_board_tracks_which_targets_served_since_they_registered() -> None:
+    b = HealthBoard(["a"], healthy_threshold=1, unhealthy_threshold=1)
+    b.register("old", 0.0, S.HEALTHY)
+    b.register("new", 0.0)
+    b.register("bad", 0.0)
+    assert b.served("old") and not b.served("new") and not b.served("bad")
+    b.record("a", "bad", False, 1.0)  # initial -> unhealthy: never served
+    b.record("a", "new", True, 1.0)
+    b.record("a", "new", False, 2.0)  # healthy -> unhealthy: it did serve
+    b.record("a", "old", False, 2.0)
+    assert (b.served("old"), b.served("new"), b.served("bad")) == (True, True, False)
+    b.deregister("new", 3.0, 0.0)
+    b.tick(3.0)
+    b.register("new", 4.0)  # registered again: a new life
+    assert not b.served("new")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from scenarios.outcomes import (
+    EventTally,
     ModeTally,
     RecoveryTally,
     Sample,
@@ -75,6 +76,16 @@ def test_event_metrics_counts_flaps_as_returns_after_ejection() -> None:
     events = [("restored", "a"), ("ejected", "a"), ("restored", "a"), ("ejected", "a"), ("dns_removed", "z1"),
               ("restored", "b")]
     assert event_metrics(events) == {"ejections": 2, "flaps": 1, "dns_failovers": 1}
+
+
+def test_event_tally_counts_withheld_removals_by_reason() -> None:
+    tally = EventTally()
+    for kind, subject, detail in [("withheld", "a0", "velocity/floor"), ("withheld", "zone:b", "velocity/budget"),
+                                  ("withheld", "a1", "velocity/floor"), ("withheld", "a2", "my/policy/odd"),
+                                  ("ejected", "a3", "")]:
+        tally.add(kind, subject, detail)
+    assert tally.withheld_by_reason() == {"budget": 1, "floor": 2, "cap": 0, "keep-serving": 0, "other": 1}
+    assert tally.result() == {"ejections": 1, "flaps": 0, "dns_failovers": 0}
 
 
 def test_percentile_nearest_rank() -> None:

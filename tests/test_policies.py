@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import pytest
 from hypothesis import given, settings
@@ -24,13 +25,16 @@ from lb.policies import (
     PassiveChecks,
     PolicyError,
     Velocity,
+    builtin_policy,
     describe_policies,
     load_policy_class,
     make_policy,
     parse_policy_spec,
+    register,
     register_policy,
     set_policy_param,
 )
+from lb.policies.base import NAMES, Positive
 from lb.policy import (
     Decision,
     PassiveStats,
@@ -40,6 +44,7 @@ from lb.policy import (
     Snapshot,
     Stage,
     TargetView,
+    WithholdReason,
     ZoneMode,
     confirmed_down,
 )
@@ -51,12 +56,15 @@ _LETTERS = {"H": H, "U": U, "I": INIT, "D": DRAIN}
 
 class Driver:
     """Feeds an engine successive fleets written as {"a": "HHU", ...} (target ids a0, a1, a2, ...),
-    keeping each target's `since` the way the health board does: the time its state last changed."""
+    keeping each target's `since` the way the health board does: the time its state last changed; and whether it
+    has served since it registered. A target first seen healthy or unhealthy was in service before (a run that
+    starts in service); one first seen initial has not served until it is healthy."""
 
     def __init__(self, policies: Sequence[Policy], cross_zone: bool = False) -> None:
         self.engine = PolicyEngine(policies)
         self.cross_zone = cross_zone
         self._last: dict[str, tuple[TargetState, float]] = {}
+        self._served: set[str] = set()
 
     def snapshot(
         self, now: float, zones: Mapping[str, str], passive: Mapping[str, PassiveStats] | None = None
@@ -68,8 +76,14 @@ class Driver:
                 state = _LETTERS[letter]
                 prev = self._last.get(tid)
                 since = prev[1] if prev is not None and prev[0] == state else now
+                if state == H or (prev is None and state != INIT):
+                    self._served.add(tid)
+                elif state == INIT:
+                    self._served.discard(tid)
                 self._last[tid] = (state, since)
-                views.append(TargetView(tid, zone, state, since, (passive or {}).get(tid, PassiveStats())))
+                views.append(
+                    TargetView(tid, zone, state, since, (passive or {}).get(tid, PassiveStats()), tid in self._served)
+                )
         return Snapshot(now, tuple(zones), tuple(sorted(views, key=lambda t: t.id)), self.cross_zone)
 
     def step(
@@ -166,17 +180,21 @@ def test_describe_policies() -> None:
         ),
         (
             "max-ejection(semantics=after)",
-            "max-ejection.semantics must be one of 'before', 'inclusive', got 'after'",
+            "max-ejection.semantics: input should be 'before' or 'inclusive', got 'after'",
         ),
-        ("panic(threshold_percent=150)", "panic: threshold_percent must be between 0 and 100, got 150"),
-        ("panic(fail_traffic=maybe)", "panic.fail_traffic must be true or false"),
-        ("dns-failover(min_healthy=1.5)", "dns-failover.min_healthy must be a whole number, got '1.5'"),
-        ("velocity(window_s=soon)", "velocity.window_s must be a number, got 'soon'"),
-        ("velocity(window_s=0)", "velocity: window_s must be > 0"),
+        ("panic(threshold_percent=150)", "panic.threshold_percent: input should be less than or equal to 100, got"),
+        ("panic(fail_traffic=maybe)", "panic.fail_traffic: input should be true or false, got 'maybe'"),
+        ("dns-failover(min_healthy=1.5)", "dns-failover.min_healthy: input should be a valid integer"),
+        ("velocity(window_s=soon)", "velocity.window_s: input should be a valid number, unable to parse string"),
+        ("velocity(window_s=0)", "velocity.window_s: input should be greater than 0, got '0'"),
+        ("velocity(window_s=nan)", "velocity.window_s: input should be a finite number"),
+        ("velocity(base=all)", "velocity.base: input should be 'served' or 'registered', got 'all'"),
+        ("min-healthy(min_count=0)", "min-healthy.min_count: input should be greater than or equal to 1"),
         (
             "min-healthy(actions=[fail-over])",
-            "actions must be a non-empty subset of ['dns-failover', 'routing-failover']",
+            "min-healthy.actions: input should be 'routing-failover' or 'dns-failover', got 'fail-over'",
         ),
+        ("min-healthy(actions=[])", "min-healthy.actions: frozenset should have at least 1 item"),
         ("min-healthy(min_count=off)", "set min_count or min_percent"),
         ("flap-damping(reuse_threshold=3000)", "need 0 < reuse_threshold < suppress_threshold"),
         ("flap-damping(max_suppress_s=1)", "penalty ceiling"),
@@ -212,7 +230,7 @@ def test_set_param_validates_and_reverts() -> None:
     v = Velocity()
     v.set_param("window_s", "60")
     assert v.window_s == 60.0
-    with pytest.raises(PolicyError, match="window_s must be > 0"):
+    with pytest.raises(PolicyError, match=r"velocity\.window_s: input should be greater than 0, got -1"):
         v.set_param("window_s", -1)
     assert v.window_s == 60.0
     with pytest.raises(PolicyError, match="no parameter 'speed'; allowed: max_removed_percent"):
@@ -263,6 +281,44 @@ def test_load_policy_class_and_register(monkeypatch: pytest.MonkeyPatch) -> None
     [p] = parse_policy_spec("drop(zone=b)")
     plan = Driver([p]).step(0, {"a": "H", "b": "H"})
     assert plan.dns == {"a": True, "b": False}
+
+
+def test_each_builtin_is_registered_by_its_own_module() -> None:
+    modules = {name: POLICY_TYPES[name].__module__ for name in (
+        "naive", "fail-open", "min-healthy", "dns-failover", "panic", "max-ejection", "velocity", "flap-damping",
+        "passive")}
+    assert modules["velocity"] == "lb.policies.velocity" and modules["fail-open"] == "lb.policies.fail_open"
+    assert len(set(modules.values())) == len(modules)  # one module each
+    for name in modules:
+        assert builtin_policy(name) is POLICY_TYPES[name]
+    assert builtin_policy("nope") is None
+
+    @dataclass(eq=False)
+    class Mine(Naive):
+        """A user's policy: not a built-in, even once registered."""
+
+        name = "velocity"
+
+    with pytest.raises(PolicyError, match="already taken"):
+        register(Mine)
+
+
+def test_a_user_policy_gets_its_parameters_validated_from_its_annotations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(POLICY_TYPES, "slow", Slow)
+    [p] = parse_policy_spec("slow(delay_s=2.5,zones=[a,b])")
+    assert isinstance(p, Slow) and p.delay_s == 2.5 and p.zones == frozenset({"a", "b"})
+    assert builtin_policy("slow") is None  # registered, but not a built-in
+    with pytest.raises(PolicyError, match=r"slow\.delay_s: input should be greater than 0, got '-1'"):
+        parse_policy_spec("slow(delay_s=-1)")
+
+
+@dataclass(eq=False)
+class Slow(BuiltinPolicy):
+    """Test policy with constrained parameters (module level, so its annotations resolve)."""
+
+    name = "slow"
+    delay_s: Positive = 1.0
+    zones: Annotated[frozenset[str], NAMES] = frozenset()
 
 
 def test_reset_forgets_state() -> None:
@@ -368,18 +424,26 @@ fleet_states = st.dictionaries(
 
 
 @settings(max_examples=150, deadline=None)
-@given(fleet_states, st.booleans(), st.sampled_from([0.0, 25.0, 50.0, 70.0, 100.0]), st.booleans())
+@given(
+    fleet_states,
+    st.booleans(),
+    st.sampled_from([0.0, 25.0, 50.0, 70.0, 100.0]),
+    st.booleans(),
+    st.sampled_from(["served", "registered"]),
+)
 def test_panic_routes_to_all_exactly_when_below_threshold(
-    zones: dict[str, str], cross_zone: bool, threshold: float, fail_traffic: bool
+    zones: dict[str, str], cross_zone: bool, threshold: float, fail_traffic: bool, base: str
 ) -> None:
-    drv = Driver([Panic(threshold_percent=threshold, fail_traffic=fail_traffic)], cross_zone=cross_zone)
+    panic = Panic(threshold_percent=threshold, fail_traffic=fail_traffic, base=base)  # type: ignore[arg-type]
+    drv = Driver([panic], cross_zone=cross_zone)
     snap = drv.snapshot(0, zones)
     plan = drv.engine.step(snap)
     live = snap.registered()
     for z in snap.zones:
         group = live if cross_zone else [t for t in live if t.zone == z]
-        healthy = sum(1 for t in group if t.state == H)
-        share = 100 * healthy / len(group) if group else 0.0
+        counted = [t for t in group if base == "registered" or t.state != INIT]  # first seen: served unless new
+        healthy = sum(1 for t in counted if t.state == H)
+        share = 100 * healthy / len(counted) if counted else 0.0
         panics = threshold > 0 and share < threshold
         expected_mode = (
             (ZoneMode.FAIL_CLOSED if fail_traffic else ZoneMode.PANIC) if panics else ZoneMode.NORMAL
@@ -590,6 +654,77 @@ def test_max_ejection_never_ejects_more_than_its_share(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# base: shares of targets that served, or of every registered target
+
+
+def test_target_view_served() -> None:
+    assert not TargetView("a0", "a", INIT, 0.0).served  # untracked: judged by its state
+    assert TargetView("a0", "a", U, 0.0).served
+    assert not TargetView("a0", "a", U, 0.0, ever_healthy=False).served  # failed its first checks
+    assert TargetView("a0", "a", H, 0.0, ever_healthy=False).served  # healthy now is in service now
+    assert TargetView("a0", "a", U, 0.0, ever_healthy=True).served
+    snap = Snapshot(0, ("a",), (TargetView("a0", "a", H, 0.0), TargetView("a1", "a", INIT, 0.0),
+                                TargetView("a2", "a", U, 0.0, ever_healthy=False), TargetView("a3", "a", DRAIN, 0.0)))
+    assert [t.id for t in snap.served()] == ["a0"]
+    assert [t.id for t in snap.registered()] == ["a0", "a1", "a2"]
+
+
+NEW_FLEET = "H" * 12 + "I" * 18  # 12 serving targets next to 18 new ones, as in aws-2025-10-20
+
+
+@pytest.mark.parametrize(("base", "ejected"), [("served", True), ("registered", False)])
+def test_velocity_counts_only_targets_that_served(base: str, ejected: bool) -> None:
+    """With 18 new targets counted, the floor is 15 of 30 > 12 in service: the failing target is withheld.
+    Counting the 12 that serve, the floor is 6 and the budget max(1, 1.2): it leaves."""
+    v = Velocity(base=base)  # type: ignore[arg-type]
+    drv = Driver([v])
+    drv.step(0, {"a": NEW_FLEET})
+    plan = drv.step(10, {"a": "U" + NEW_FLEET[1:]})
+    assert ("a0" not in plan.in_service) is ejected
+    assert plan.withheld == ({} if ejected else {"velocity": 1})
+
+
+def test_velocity_counts_new_targets_once_they_serve_and_never_those_that_failed_first() -> None:
+    v = Velocity(max_removed_percent=10, window_s=1000, floor_percent=50, min_budget=0)
+    drv = Driver([v])
+    drv.step(0, {"a": "HHHHHHHHHH" + "IIIIIIIIII"})  # 10 served: budget 1
+    plan = drv.step(1, {"a": "UHHHHHHHHH" + "IIIIIIIIII"})
+    assert "a0" not in plan.in_service  # 1 of budget 1
+    plan = drv.step(2, {"a": "UUHHHHHHHH" + "IIIIIIIIII"})
+    assert "a1" in plan.in_service and plan.withheld == {"velocity": 1}
+    # Ten new targets fail their first checks: never in service, they neither add budget nor raise the floor.
+    plan = drv.step(3, {"a": "UUHHHHHHHH" + "UUUUUUUUUU"})
+    assert "a1" in plan.in_service and plan.withheld == {"velocity": 1}
+    # Once they pass, 20 have served: budget 2, so a1 may go now.
+    plan = drv.step(4, {"a": "UUHHHHHHHH" + "HHHHHHHHHH"})
+    assert "a1" not in plan.in_service and plan.withheld == {}
+
+
+@pytest.mark.parametrize(("base", "out"), [("served", 1), ("registered", 2)])
+def test_max_ejection_cap_is_a_share_of_targets_that_served(base: str, out: int) -> None:
+    m = MaxEjection(max_percent=10, base=base)  # type: ignore[arg-type]
+    drv = Driver([m])
+    drv.step(0, {"a": "H" * 10 + "I" * 10})
+    plan = drv.step(1, {"a": "UU" + "H" * 8 + "I" * 10})
+    assert len(out_of_service(plan, ["a0", "a1"])) == out
+    assert plan.withheld == ({"max-ejection": 1} if out == 1 else {})
+
+
+@pytest.mark.parametrize(("base", "mode"), [("served", ZoneMode.NORMAL), ("registered", ZoneMode.PANIC)])
+def test_panic_share_of_targets_that_served(base: str, mode: ZoneMode) -> None:
+    """4 serving targets and 6 new ones: 100% of those that served, 40% of those registered."""
+    plan = Driver([Panic(base=base)]).step(0, {"a": "HHHH" + "IIIIII"})  # type: ignore[arg-type]
+    assert plan.zone_mode["a"] == mode
+
+
+def test_min_healthy_keeps_aws_rule_over_registered_targets() -> None:
+    plan = Driver([MinHealthy(min_percent=50, actions=frozenset({"routing-failover"}))]).step(
+        0, {"a": "HHHH" + "IIIIII"}
+    )
+    assert plan.zone_mode["a"] == ZoneMode.FAIL_OPEN  # 4 of 10 registered < 50%
+
+
+# ---------------------------------------------------------------------------------------------------------
 # velocity
 
 
@@ -718,6 +853,50 @@ def test_velocity_never_exceeds_budget_or_breaks_floor(
                 assert published >= floor_count - 1e-9
             assert sum(c for at, c in log if at > now - window) <= budget + 1e-9
         prev = plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# why a removal was withheld
+
+
+def test_velocity_names_the_floor_or_the_budget() -> None:
+    v = Velocity(max_removed_percent=20, window_s=60, floor_percent=80)  # of 10: budget 2, floor 8
+    drv = Driver([v])
+    drv.step(0, {"a": "H" * 10})
+    plan = drv.step(1, {"a": "UUU" + "H" * 7})  # 2 fit; the third is over the budget and below the floor
+    assert plan.withheld_reasons == {("velocity", WithholdReason.FLOOR): 1}
+    v2 = Velocity(max_removed_percent=20, window_s=60, floor_percent=0)
+    drv = Driver([v2])
+    drv.step(0, {"a": "H" * 10})
+    plan = drv.step(1, {"a": "UUU" + "H" * 7})
+    assert plan.withheld_reasons == {("velocity", WithholdReason.BUDGET): 1}
+    assert ("velocity", "a2", WithholdReason.BUDGET) in plan.withheld_subjects
+
+
+def test_velocity_names_the_reason_of_a_withheld_zone() -> None:
+    v = Velocity(max_removed_percent=10, floor_percent=0)  # of 12: a budget of 1.2
+    drv = Driver([DnsFailover(min_healthy=4), v])
+    drv.step(0, {"a": "HHHH", "b": "HHHH", "c": "HHHH"})
+    plan = drv.step(1, {"a": "HHHH", "b": "HHHH", "c": "UHHH"})  # c0 goes (1 of 1.2); c would leave DNS, cost 3
+    assert plan.dns["c"]
+    assert ("velocity", "zone:c", WithholdReason.BUDGET) in plan.withheld_subjects
+
+
+def test_max_ejection_and_passive_reasons() -> None:
+    plan = _eject_all(MaxEjection(max_percent=50), 4)[1]
+    assert plan.withheld_reasons == {("max-ejection", WithholdReason.CAP): 2}
+    serving = PassiveStats(successes=5, last_success_at=9.0, recent_success_times=(7.0, 8.0, 9.0))
+    drv = Driver([PassiveChecks()])
+    drv.step(0, {"a": "HH"})
+    plan = drv.step(10, {"a": "UH"}, {"a0": serving})
+    assert plan.withheld_reasons == {("passive", WithholdReason.KEEP_SERVING): 1}
+
+
+def test_a_policy_that_gives_no_reason_is_counted_as_other() -> None:
+    d = Decision(in_service=set(), zone_mode={}, dns={})
+    d.withhold("mine", "a0")
+    assert d.withheld_reasons == {("mine", WithholdReason.OTHER): 1}
+    assert d.withheld_subjects == {("mine", "a0", WithholdReason.OTHER)}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -127,3 +127,14 @@ async def test_a_zone_event_after_a_target_was_retired_acts_on_the_live_ones() -
     assert summary["complete"]
     [zone_event] = [e for e in run.state.events if e["kind"] == "timeline" and e["subject"] == "path"]
     assert zone_event["targets"] == ["a-1"]  # a-0 was drained (3 s) and released before t=9
+
+
+def test_withheld_events_reach_the_summary_by_reason_even_past_the_cap() -> None:
+    run = ScenarioRun(parse_scenario({**BASE, "name": "holds"}, "test"))
+    run.state.max_events = 1
+    for i, detail in enumerate(["velocity/floor", "velocity/budget", "max-ejection/cap", "velocity/floor"]):
+        run._log(float(i), "withheld", "a-0", {"detail": detail})
+    summary = run.summary()
+    assert summary["events_dropped"] == 3
+    assert summary["withheld_by_reason"] == {"budget": 1, "floor": 2, "cap": 1, "keep-serving": 0, "other": 0}
+    run.state.request_log.close()

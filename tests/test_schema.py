@@ -131,7 +131,8 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\npolicy: [fail-open, bogus]\n", "policy.1", "unknown policy 'bogus'; policies: dns-failover"),
         ("name: x\npolicy: ['velocity(windo_s=60)']\n", "policy.0", "allowed: max_removed_percent, window_s"),
         ("name: x\npolicy: [{name: min-healthy, min_pct: 50}]\n", "policy.0", "allowed: min_count, min_percent"),
-        ("name: x\npolicy: [{name: panic, threshold_percent: 150}]\n", "policy.0", "between 0 and 100"),
+        ("name: x\npolicy: [{name: panic, threshold_percent: 150}]\n", "policy.0",
+         "panic.threshold_percent: input should be less than or equal to 100, got 150"),
         ("name: x\npolicy: ['my.policies:Mine']\n", "policy.0", "lbsim compare SCENARIO --allow-import --policy "
          "my.policies:Mine"),
         ("name: x\npolicy: [scenario+velocity]\n", "policy.0", "only for `--policy` on the command line"),
@@ -140,7 +141,7 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\ntimeline: [{at: 3, set_policy: {policy: dns-failover, param: enabld, value: false}}]\n",
          "timeline.0.set_policy.param", "allowed: enabled, min_healthy; did you mean `enabled`?"),
         ("name: x\ntimeline: [{at: 3, set_policy: {policy: dns-failover, param: enabled, value: maybe}}]\n",
-         "timeline.0.set_policy.value", "must be true or false"),
+         "timeline.0.set_policy.value", "dns-failover.enabled: input should be true or false, got 'maybe'"),
         ("name: x\ntimeline: [{at: 3, set_policy: {policy: aws, param: enabled, value: false}}]\n",
          "timeline.0.set_policy.policy", "preset; name one of its policies: fail-open, dns-failover"),
         # an empty fleet
@@ -277,7 +278,8 @@ def test_set_policy_values_are_checked_on_the_scenarios_own_policies_in_time_ord
         {"at": 2, "set_policy": {"policy": "min-healthy", "param": "min_percent", "value": 80}},
         {"at": 4, "set_policy": {"policy": "min-healthy", "param": "min_percent", "value": 40}}]}, "f")
     assert len(ok.timeline) == 2
-    with pytest.raises(ScenarioError, match=r"timeline\.0\.set_policy\.value: .*between 0 and 100"):
+    with pytest.raises(ScenarioError, match=r"timeline\.0\.set_policy\.value: min-healthy\.min_percent: input should "
+                                            r"be less than or equal to 100"):
         parse_scenario({**BASE, "policy": entries, "timeline": [
             {"at": 2, "set_policy": {"policy": "min-healthy", "param": "min_percent", "value": 101}}]}, "f")
 
