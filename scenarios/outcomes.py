@@ -40,6 +40,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from lb.policy import WithholdReason
+
 # A scenario's headline metric (`headline:` in its file): what `should_win` claims the named policies do better
 # than naive, and what tests/test_should_win.py checks. Shares are better higher, target-seconds lower.
 Headline = Literal[
@@ -51,8 +53,6 @@ Headline = Literal[
 def beats(metric: Headline, value: float, baseline: float) -> bool:
     """Whether `value` is strictly better than `baseline` on a headline metric."""
     return value < baseline if metric.endswith("_target_seconds") else value > baseline
-
-from lb.policy import WithholdReason
 
 
 @dataclass(frozen=True, slots=True)
