@@ -564,10 +564,6 @@ class ScenarioRun:
                      "transitions_total": float(self._transitions.total()),
                      "transitions_down_total": float(self._transitions["healthy->unhealthy"]),
                      "transitions_up_total": float(self._transitions["unhealthy->healthy"])}
-            if lb.dns is not None:
-                for zone in self.scenario.zones:
-                    extra[f"zone_in_dns:{zone}"] = float(zone in lb.dns.zones)
-                    extra[f"can_serve:{zone}"] = float(sum(lb.targets[t].zone == zone for t in can))
             if self.control is not None:
                 extra.update(self.control.sample())
             self.state.add_sample(s, extra)
