@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from lb.policies import POLICY_TYPES, PRESETS, BuiltinPolicy, PolicyError
 from scenarios.compare import (
@@ -54,7 +55,42 @@ from scenarios.runner import ScenarioRun
 from scenarios.schema import Scenario, ScenarioError, builtin_names, load_scenario
 from scenarios.serve import DEFAULT_PORTS, plan_ports, serve, serving_scenario
 
+
+def _tidy_params(params: list[Any]) -> list[Any]:
+    """Help that shows what to type: a flag takes no value, so none is shown (typer 0.29 prints `<bool>` beside
+    every flag, --help too), and an argument's metavar already names what it takes (no `<str>` beside it)."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif getattr(param, "param_type_name", "") == "argument" and hasattr(param, "display_type_rich"):
+            param.display_type_rich = _no_type
+    return params
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def _tidy_usage(pieces: list[str]) -> list[str]:
+    """A required argument is written bare in the usage line (`SCENARIO`), not braced (`{SCENARIO}`)."""
+    return [p[1:-1] if len(p) > 2 and p[0] == "{" and p[-1] == "}" else p for p in pieces]
+
+
+class LbsimCommand(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _tidy_params(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return _tidy_usage(super().collect_usage_pieces(ctx))
+
+
+class LbsimGroup(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _tidy_params(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=LbsimGroup,
     add_completion=False,
     no_args_is_help=True,
     help="lbsim: reproduce load-balancer health-check cascades on loopback and compare protections.",
@@ -68,6 +104,9 @@ T = TypeVar("T")
 class LoopKind(StrEnum):
     uvloop = "uvloop"
     asyncio = "asyncio"
+
+
+LOOP_METAVAR = "|".join(LoopKind)
 
 
 async def until_signalled(body: Callable[[asyncio.Event], Awaitable[T]]) -> T:
@@ -152,8 +191,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
 DEFAULT_JOBS = min(2, os.cpu_count() or 1)
 
 SET_OPTION = typer.Option(
-    "--set", help="Override a scenario field before validation, KEY=VALUE with a dotted KEY and a YAML VALUE, "
-                  "e.g. --set control_plane.dns.protections.cas=true; repeatable.")
+    "--set", metavar="KEY=VALUE",
+    help="Override a scenario field before validation, KEY=VALUE with a dotted KEY and a YAML VALUE, "
+         "e.g. --set control_plane.dns.protections.cas=true; repeatable.")
 
 
 def stages_table(summary: dict[str, Any]) -> Table | None:
@@ -172,29 +212,33 @@ def stages_table(summary: dict[str, Any]) -> Table | None:
     return table
 
 
-@app.command()
+@app.command(cls=LbsimCommand)
 def run(
-    scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")],
+    scenario: Annotated[str, typer.Argument(metavar="SCENARIO", help="A built-in scenario name or a YAML file.")],
     policy: Annotated[
         list[str] | None,
-        typer.Option("--policy", "-p", help="Policy name, preset or spec like 'fail-open+dns-failover'; "
-                                            "repeat to compose. Default: the scenario's own."),
+        typer.Option("--policy", "-p", metavar="SPEC",
+                     help="Policy name, preset or spec like 'fail-open+dns-failover'; repeat to compose. Default: the "
+                          "scenario's own."),
     ] = None,
-    speed: Annotated[float | None, typer.Option(help="Sim seconds per wall second.", min=0.001)] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: the scenario's).")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/NAME-TIME).")] = None,
-    metrics_port: Annotated[int, typer.Option(help="Loopback port for /metrics; 0 picks a free one.",
+    speed: Annotated[float | None, typer.Option(metavar="X", help="Sim seconds per wall second.", min=0.001)] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="Random seed (default: the scenario's).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", metavar="DIR",
+                                                 help="Run directory (default: runs/NAME-TIME).")] = None,
+    metrics_port: Annotated[int, typer.Option(metavar="PORT", help="Loopback port for /metrics; 0 picks a free one.",
                                               min=0, max=65535)] = 0,
-    admin_port: Annotated[int, typer.Option(help="Loopback port of the backends' admin API; 0 picks a free one.",
+    admin_port: Annotated[int, typer.Option(metavar="PORT",
+                                            help="Loopback port of the backends' admin API; 0 picks a free one.",
                                             min=0, max=65535)] = 0,
-    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
+    loop: Annotated[LoopKind, typer.Option(metavar=LOOP_METAVAR, help="Event loop implementation.")] = LoopKind.uvloop,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into an --out directory that is not empty.")] = False,
     import_policies: Annotated[
         list[str] | None,
         # Hidden: how `lbsim compare --allow-import` hands a user's policy class to its child runs.
-        typer.Option("--import-policy", hidden=True, help="Import and register module.path:ClassName first."),
+        typer.Option("--import-policy", metavar="MODULE:CLASS", hidden=True,
+                     help="Import and register module.path:ClassName first."),
     ] = None,
 ) -> None:
     """Run one scenario with one policy list and write DIR/summary.json."""
@@ -310,19 +354,22 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
 
 
 def _port_option(help_text: str) -> Any:
-    return typer.Option(help=help_text + " 0 picks a free one.", min=0, max=65535)
+    return typer.Option(metavar="PORT", help=help_text + " 0 picks a free one.", min=0, max=65535)
 
 
-@app.command("serve")
+@app.command("serve", cls=LbsimCommand)
 def serve_command(
-    scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")] = "zone-outage",
+    scenario: Annotated[str, typer.Argument(metavar="SCENARIO",
+                                            help="A built-in scenario name or a YAML file.")] = "zone-outage",
     policy: Annotated[
         list[str] | None,
-        typer.Option("--policy", "-p", help="Policy name, preset or spec, as for `lbsim run`; repeat to compose. "
-                                            "Default: the scenario's own."),
+        typer.Option("--policy", "-p", metavar="SPEC",
+                     help="Policy name, preset or spec, as for `lbsim run`; repeat to compose. Default: the "
+                          "scenario's own."),
     ] = None,
-    speed: Annotated[float, typer.Option(help="Sim seconds per wall second (1: real time).", min=0.001)] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: the scenario's).")] = None,
+    speed: Annotated[float, typer.Option(metavar="X", help="Sim seconds per wall second (1: real time).",
+                                         min=0.001)] = 1.0,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="Random seed (default: the scenario's).")] = None,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
     metrics_port: Annotated[int, _port_option("Port of /metrics (on --bind), what Prometheus scrapes.")
                             ] = DEFAULT_PORTS["metrics"],
@@ -343,7 +390,7 @@ def serve_command(
              "127.0.0.0/8 and ::1 is reachable from the network: a warning, and use --admin-token.")] = LOOPBACK,
     admin_token: Annotated[
         str | None,
-        typer.Option(envvar="LBSIM_ADMIN_TOKEN", show_envvar=True,
+        typer.Option(metavar="TOKEN", envvar="LBSIM_ADMIN_TOKEN", show_envvar=True,
                      help="Require `Authorization: Bearer TOKEN` on the serve admin API (the environment variable "
                           "keeps it out of the process list)."),
     ] = None,
@@ -352,8 +399,9 @@ def serve_command(
         typer.Option("--record/--no-record", help="Keep the recorder's time series and every request and sample for "
                                                   "--out (memory and disk grow with time). Default: only with --out."),
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write the run directory here on exit.")] = None,
-    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.uvloop,
+    out_dir: Annotated[Path | None, typer.Option("--out", metavar="DIR",
+                                                 help="Write the run directory here on exit.")] = None,
+    loop: Annotated[LoopKind, typer.Option(metavar=LOOP_METAVAR, help="Event loop implementation.")] = LoopKind.uvloop,
 ) -> None:
     """Start the whole system on fixed ports (loopback unless --bind) and keep it running until Ctrl-C or SIGTERM.
 
@@ -420,8 +468,8 @@ def serve_command(
                   f"{summary.get('requests_failed', 0)} failed", highlight=False)
 
 
-scenarios_app = typer.Typer(help="The built-in scenarios: list them, show one, or print the file format's schema.",
-                            no_args_is_help=False)
+scenarios_app = typer.Typer(cls=LbsimGroup, no_args_is_help=False,
+                            help="The built-in scenarios: list them, show one, or print the file format's schema.")
 app.add_typer(scenarios_app, name="scenarios")
 
 
@@ -432,7 +480,7 @@ def scenarios_main(ctx: typer.Context) -> None:
         list_scenarios()
 
 
-@scenarios_app.command("list")
+@scenarios_app.command("list", cls=LbsimCommand)
 def list_scenarios() -> None:
     """List the built-in scenarios and what each teaches."""
     table = Table(title="built-in scenarios")
@@ -447,8 +495,8 @@ def list_scenarios() -> None:
     out.print(table)
 
 
-@scenarios_app.command("show")
-def show_scenario(name: Annotated[str, typer.Argument(help="A built-in scenario name.")]) -> None:
+@scenarios_app.command("show", cls=LbsimCommand)
+def show_scenario(name: Annotated[str, typer.Argument(metavar="NAME", help="A built-in scenario name.")]) -> None:
     """Print a built-in scenario's file, to read or to copy and edit."""
     if name not in builtin_names():
         raise _fail(f"{name!r} is not a built-in scenario (built-ins: {', '.join(builtin_names())})")
@@ -456,13 +504,13 @@ def show_scenario(name: Annotated[str, typer.Argument(help="A built-in scenario 
     typer.echo(resources.files("scenarios.library").joinpath(f"{name}.yaml").read_text(), nl=False)
 
 
-@scenarios_app.command("schema")
+@scenarios_app.command("schema", cls=LbsimCommand)
 def scenario_schema() -> None:
     """Print the JSON Schema of the scenario format (for editors: yaml-language-server and the like)."""
     out.print_json(json.dumps(Scenario.model_json_schema(by_alias=True)))
 
 
-@app.command()
+@app.command(cls=LbsimCommand)
 def policies() -> None:
     """List the built-in policies (parameters with defaults, origin) and presets."""
     table = Table(title="policies")
@@ -489,9 +537,9 @@ def _fmt_default(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-@app.command()
+@app.command(cls=LbsimCommand)
 def validate(
-    scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")],
+    scenario: Annotated[str, typer.Argument(metavar="SCENARIO", help="A built-in scenario name or a YAML file.")],
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
 ) -> None:
     """Check a scenario file and print it resolved with defaults."""
@@ -514,25 +562,28 @@ def print_compare(doc: dict[str, Any]) -> None:
             out.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=LbsimCommand)
 def compare(
-    scenario: Annotated[str, typer.Argument(help="A built-in scenario name or a YAML file.")],
+    scenario: Annotated[str, typer.Argument(metavar="SCENARIO", help="A built-in scenario name or a YAML file.")],
     policy: Annotated[
         list[str],
-        typer.Option("--policy", "-p", help="A policy to compare, repeatable; the first is the baseline. A spec "
-                                            "('naive', 'aws-velocity', 'scenario+velocity'), a YAML file of policy "
-                                            "entries, or module.path:ClassName (needs --allow-import)."),
+        typer.Option("--policy", "-p", metavar="SPEC",
+                     help="A policy to compare, repeatable; the first is the baseline. A spec ('naive', "
+                          "'aws-velocity', 'scenario+velocity'), a YAML file of policy entries, or "
+                          "module.path:ClassName (needs --allow-import)."),
     ],
-    seeds: Annotated[int, typer.Option(help="Runs per policy, on seeds S, S+1, ... S+N-1.", min=1)] = 1,
-    seed: Annotated[int | None, typer.Option(help="First seed S (default: the scenario's).")] = None,
-    speed: Annotated[float | None, typer.Option(help="Sim seconds per wall second.", min=0.001)] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Compare directory (default: runs/compare-NAME-TIME).")
-                       ] = None,
+    seeds: Annotated[int, typer.Option(metavar="N", help="Runs per policy, on seeds S, S+1, ... S+N-1.", min=1)] = 1,
+    seed: Annotated[int | None, typer.Option(metavar="S", help="First seed S (default: the scenario's).")] = None,
+    speed: Annotated[float | None, typer.Option(metavar="X", help="Sim seconds per wall second.", min=0.001)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", metavar="DIR",
+                                                 help="Compare directory (default: runs/compare-NAME-TIME).")] = None,
     jobs: Annotated[int, typer.Option(
+        metavar="N",
         help="Runs at a time, each its own process with its own ports (default: 2, or 1 on a 1-core machine; "
              "a run uses about half a core at its default speed).", min=1)] = DEFAULT_JOBS,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
-    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation of the runs.")] = LoopKind.uvloop,
+    loop: Annotated[LoopKind, typer.Option(metavar=LOOP_METAVAR,
+                                           help="Event loop implementation of the runs.")] = LoopKind.uvloop,
     allow_import: Annotated[
         bool,
         typer.Option("--allow-import", help="Allow --policy module.path:ClassName. This imports, and so RUNS, that "
@@ -614,10 +665,10 @@ def compare(
         raise _fail("some runs failed (see above); compare.json has the others", code=1)
 
 
-@app.command()
+@app.command(cls=LbsimCommand)
 def report(
-    directory: Annotated[Path, typer.Argument(help="A run directory (has summary.json) or a compare directory "
-                                                   "(has compare.json).")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A run directory (has summary.json) or a compare "
+                                                                 "directory (has compare.json).")],
 ) -> None:
     """Re-render the tables and the plot of a saved run or compare, without running anything."""
     if not (is_compare_dir(directory) or is_run_dir(directory)):

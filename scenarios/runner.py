@@ -7,12 +7,13 @@ import collections
 import contextlib
 import csv
 import json
+import math
 import random
 import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -21,6 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from backends.admin import AdminServer
+from backends.controlplane.hostmanager import RecoveryQueue
 from backends.fleet import Targets, UnknownTarget
 from lb.aio import cancel_and_wait
 from lb.balancer import BalancerConfig, LbEvent, LoadBalancer
@@ -43,7 +45,7 @@ from scenarios.outcomes import (
 )
 from scenarios.ports import LOOPBACK, ListenError, connect_host, url_host
 from scenarios.recorder import Recorder, Selector, pivot
-from scenarios.schema import Event, Scenario, ScenarioError
+from scenarios.schema import Event, HostManagerSpec, Scenario, ScenarioError
 from scenarios.stages import StageRules, detect_stages
 from scenarios.traffic import DnsCache, RequestResult, TrafficGenerator
 from scenarios.truth import RunCollector
@@ -89,6 +91,7 @@ _STAGE_SELECTORS: dict[str, Selector] = {
     "hosts_leased": Selector("lbsim_host_leases", {"state": "leased"}, default=float("nan")),
     "recovery_depth": Selector("lbsim_host_recovery_queue_depth", default=float("nan")),
     "recovery_goodput_total": Selector("lbsim_host_recovery_goodput_total", default=float("nan")),
+    "recovery_timeouts_total": Selector("lbsim_host_recovery_timeouts_total", default=float("nan")),
     "net_backlog": Selector("lbsim_netmanager_backlog", default=float("nan")),
     "zones_in_dns": Selector("lbsim_zones_in_dns", default=float("nan")),
     "false_out": Selector("lbsim_truth_targets", {"set": "false_out"}, default=0.0),
@@ -97,10 +100,15 @@ _STAGE_SELECTORS: dict[str, Selector] = {
 }
 
 
-def stage_columns(recorder: Recorder) -> list[dict[str, float]]:
+def stage_columns(recorder: Recorder, zones: Sequence[str]) -> list[dict[str, float]]:
     """The recorded series pivoted into the stage detector's columns; columns a run does not have are left out
     (a run without a control plane has no `cp_record`)."""
-    rows = pivot(recorder.rows(), _STAGE_SELECTORS, times=recorder.scrape_times)
+    selectors = dict(_STAGE_SELECTORS)
+    for zone in zones:
+        selectors[f"zone_in_dns:{zone}"] = Selector("lbsim_zone_in_dns", {"zone": zone}, default=float("nan"))
+        # The fleet exports a zone only while it has targets: none there is none that could serve.
+        selectors[f"can_serve:{zone}"] = Selector("lbsim_targets_can_serve", {"zone": zone})
+    rows = pivot(recorder.rows(), selectors, times=recorder.scrape_times)
     present = {k for row in rows for k, v in row.items() if v == v}  # NaN marks "never scraped"
     out: list[dict[str, float]] = []
     previous: dict[str, float] = {}
@@ -113,6 +121,14 @@ def stage_columns(recorder: Recorder) -> list[dict[str, float]]:
         r["transitions_down_total"], r["transitions_up_total"] = row["_down"], row["_up"]
         out.append(r)
     return out
+
+
+def full_queue_depth(hm: HostManagerSpec) -> float:
+    """The recovery queue's depth from which it is full: no item started there finishes before its timeout (the
+    host manager's rule 6, without store latency), or its configured admission limit or hard cap if lower."""
+    queue = RecoveryQueue(hm.workers, hm.item_timeout_s, hm.base_service_s, hm.per_depth_s)
+    limit = min(queue.collapse_depth(), hm.max_depth or math.inf, hm.hard_cap)
+    return max(1.0, limit)
 
 
 def build_policies(entries: list[str | dict[str, Any]], source: str) -> list[Policy]:
@@ -394,7 +410,7 @@ class ScenarioRun:
             if recorder is not None:
                 await recorder.stop()
                 await recorder.scrape_once()  # the final state, before anything is torn down
-                self.state.stage_rows = stage_columns(recorder)
+                self.state.stage_rows = stage_columns(recorder, sc.zones)
             if self._retiring:
                 await asyncio.gather(*self._retiring, return_exceptions=True)
             if traffic is not None:
@@ -679,8 +695,11 @@ class ScenarioRun:
         return StageRules(
             zones=len(sc.zones),
             hosts=cp.host_manager.hosts if cp is not None else 0,
-            # Goodput stalled for three item timeouts: every item in flight timed out at least once meanwhile.
+            # Items timing out for three item timeouts: every item in flight timed out at least once meanwhile.
             collapse_window_s=3 * cp.host_manager.item_timeout_s if cp is not None else 30.0,
+            full_depth=full_queue_depth(cp.host_manager) if cp is not None else 1.0,
+            # An item times out one item timeout after it starts; the scrapes see it up to an interval later.
+            timeout_window_s=(cp.host_manager.item_timeout_s if cp is not None else 10.0) + 2 * sc.record_interval_s,
             # Three health transitions within five check intervals is more than one failure explains; the
             # window spans at least two of the recorder's scrapes, which is what it is measured on.
             flap_window_s=max(5 * sc.health_check.interval_s, 2 * sc.record_interval_s),

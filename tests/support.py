@@ -1,14 +1,17 @@
-"""Helpers shared by the loopback tests: count open sockets, run a body on a fresh asyncio or uvloop loop."""
+"""Helpers shared by the loopback tests: count open sockets, run a body on a fresh asyncio or uvloop loop, find
+a system program a test needs (skipped without it, failed without it in CI)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import uvloop
 from hypothesis import strategies as st
 
@@ -19,6 +22,18 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of the system program `name`. Without it the test is skipped, saying which Debian package has it,
+    or fails when the environment variable CI is set (CI installs every package, so a missing one is a bug)."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    reason = f"`{name}` not found on PATH: install the Debian package {package} (apt-get install {package})"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI is set, so a missing program fails the test", pytrace=False)
+    pytest.skip(reason)
 
 
 def open_sockets() -> int:

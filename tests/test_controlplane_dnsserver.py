@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 
 import dns.asyncresolver
@@ -12,7 +11,7 @@ import dns.message
 import dns.rcode
 import dns.resolver
 import pytest
-from support import LOOPS, open_sockets, run_on
+from support import LOOPS, open_sockets, require_binary, run_on
 
 from backends.controlplane.dnsplan import Planner, PlanStore
 from backends.controlplane.dnsserver import DnsServer, answer
@@ -142,10 +141,10 @@ def test_negative_ttl_is_rejected() -> None:
         DnsServer(lookup, ttl=-1)
 
 
-@pytest.mark.skipif(shutil.which("dig") is None, reason="dig is not installed")
 async def test_dig_resolves_through_the_server(server: DnsServer) -> None:
+    dig = require_binary("dig", package="dnsutils")
     proc = await asyncio.create_subprocess_exec(
-        "dig",
+        dig,
         f"@{server.host}",
         "-p",
         str(server.port),

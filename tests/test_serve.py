@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from support import LOOPS, open_sockets, run_on, wait_for
+from support import LOOPS, open_sockets, require_binary, run_on, wait_for
 
 from scenarios.ports import PortError, check_free
 from scenarios.runner import ScenarioRun
@@ -509,10 +508,7 @@ def prom_value(port: int, expr: str) -> float | None:
 
 
 def test_prometheus_scrapes_serve_and_sees_an_injected_fault(served: Callable[..., Served], tmp_path: Path) -> None:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the `prometheus` binary is missing: install Debian's prometheus package "
-                    "(apt-get install prometheus; .ci/run does) to run this test")
+    binary = require_binary("prometheus", package="prometheus")
     s = served()
     shipped = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
     job = shipped["scrape_configs"][0]
