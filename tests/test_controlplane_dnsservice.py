@@ -138,7 +138,7 @@ def test_store_events_are_drained_once_each_from_its_bounded_log() -> None:
         for endpoint in service.endpoints:
             store.write(endpoint, gen, float(gen))
         store.delete_older_than(gen - 1, float(gen))  # generations 1 to 9, none of them active any more
-        service._drain_events()  # as the service does after every write and clean-up
+        service.automation._drain_events()  # as the automation does after every write and clean-up
     assert service.plans_deleted == 9 and service.records_emptied == 0
     assert len(store.events) == 5 and store.events_total == 3 + 10 * 3 + 9
     assert registry.get_sample_value("lbsim_dns_plans_deleted_total") == 9
