@@ -214,7 +214,8 @@ class DnsAutomation:
             name: Slot(name, (i + 0.5) / n * config.enactor_poll_s, self._new_enactor(name))
             for i, name in enumerate(config.enactors)
         }
-        for slot in self.slots.values():
+        self._slot_list = list(self.slots.values())
+        for slot in self._slot_list:
             self._schedule(slot, Phase.POLLING, t0 + slot.offset_s)
         # Forced mode: the longest a ripe delayed write waits for another enactor's clean-up: the next plan,
         # the poll that picks it up and a whole pass, with one retry to spare.
@@ -237,19 +238,33 @@ class DnsAutomation:
 
     def next_due(self) -> float:
         """When the next transition is due (the planner always has one)."""
-        return min(self.plan_due, *(s.due for s in self.slots.values()))
+        due = self.plan_due
+        for slot in self._slot_list:
+            if slot.due < due:
+                due = slot.due
+        return due
 
     def advance(self, now: float) -> None:
         """Run every transition due by `now`, in order of due time (then of scheduling), each at its due time."""
         self._late_now = max(self._late_now, now)
+        slots = self._slot_list
         while True:
-            slot = min(self.slots.values(), key=lambda s: (s.due, s.seq))
+            slot = slots[0]
+            for other in slots[1:]:  # the earliest due, then the earliest scheduled (a hot loop: no key tuples)
+                if other.due < slot.due or (other.due == slot.due and other.seq < slot.seq):
+                    slot = other
             if self.plan_due <= now and (self.plan_due, self._plan_seq) < (slot.due, slot.seq):
                 self.plan(self.plan_due)
             elif slot.due <= now:
                 self._fire(slot)
             else:
                 return
+
+    def run_until(self, end: float) -> None:
+        """Drive the automation on a virtual clock: every transition due by `end`, at once (tests, benchmarks)."""
+        while (due := self.next_due()) <= end:
+            self.advance(due)
+        self._late_now = max(self._late_now, end)
 
     def _fire(self, slot: Slot) -> None:
         t = slot.due
