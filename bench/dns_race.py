@@ -27,8 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout as `python3 bench/...`
 
-from backends.controlplane.dnsautomation import AutomationConfig, DnsAutomation, RaceConfig, RaceMode  # noqa: E402
-from backends.controlplane.dnsplan import Protections  # noqa: E402
+from backends.controlplane.dnsautomation import AutomationConfig, DnsAutomation, RaceConfig, RaceMode
+from backends.controlplane.dnsplan import Protections
 
 # The control plane's three endpoints (scenarios/controlplane.py), one address each.
 ENDPOINTS = {

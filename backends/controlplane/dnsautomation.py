@@ -22,8 +22,10 @@ Timing rules (all durations in sim seconds):
    - forced (for teaching): a delayed write, once its delay has passed, is held (`hold`) and lands at the next
      moment another enactor finishes a pass, just before that enactor's clean-up, or alone after
      `hold_bound_s` (`hold_expired`). If the clean-up deleted its plan meanwhile, landing re-creates it (the
-     transaction holds the record data), so the clean-up deletes it again. With a delay longer than
-     keep_generations x planner_interval_s, the record is emptied by construction.
+     transaction holds the record data), so the clean-up deletes it again. A delay of at least
+     (keep_generations + 1) x planner_interval_s on an enactor that applies plans empties the record by
+     construction, whatever the moment; a delay just over keep_generations intervals may leave only a stale
+     record, which the next pass repairs.
    - emergent: every write is delayed with probability `delay_probability` by an exponential delay of mean
      `delay_mean_s`, capped at `delay_max_s`, and lands when its delay is over, nothing held. Whether the
      record is emptied comes out of the mechanism: a stale write must land after a newer plan reached its
