@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from backends.controlplane.dnsautomation import AutomationConfig, DnsAutomation, RaceConfig, RaceMode
 from backends.controlplane.dnsplan import Protections
 
-# The control plane's three endpoints (scenarios/controlplane.py), one address each.
+# The three endpoints a scenario's control plane serves (scenarios/controlplane.py): a pass writes them in this
+# order, the lease store's own name last.
 ENDPOINTS = {
-    "ddb.cp.lbsim": {"10.0.0.1": 1},
+    "leasestore-fips.cp.lbsim": {"10.0.1.1": 1},
+    "leasestore-ipv6.cp.lbsim": {"10.0.1.1": 1},
     "leasestore.cp.lbsim": {"10.0.1.1": 1},
-    "netconfig.cp.lbsim": {"10.0.2.1": 1},
 }
 PROTECTIONS: dict[str, Protections] = {
     "none": Protections(),
@@ -49,12 +50,14 @@ class Outcome:
     emptied: bool
     stuck: bool
     first_emptied_at: float | None
+    endpoints: frozenset[str]  # the endpoints whose record was emptied
 
 
 def run_emergent(seed: int, protections: Protections, race: RaceConfig, duration_s: float) -> Outcome:
     auto = DnsAutomation(AutomationConfig(protections=protections, race=race), ENDPOINTS, 0.0, random.Random(seed))
     _run(auto, 0.0, duration_s)
-    return Outcome(auto.records_emptied > 0, auto.store.inconsistent, auto.first_emptied_at)
+    endpoints = frozenset(e.endpoint for e in auto.store.events if e.kind == "emptied" and e.endpoint is not None)
+    return Outcome(auto.records_emptied > 0, auto.store.inconsistent, auto.first_emptied_at, endpoints)
 
 
 def _run(auto: DnsAutomation, start: float, end: float) -> None:
@@ -94,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     emptied: dict[str, float] = {}
     stuck: dict[str, float] = {}
     rows: list[tuple[str, str, str, str]] = []
+    by_endpoint: dict[str, float] = {}
     for name, protections in PROTECTIONS.items():
         outcomes = [run_emergent(seed, protections, race, args.duration_s) for seed in seeds]
+        if name == "none":
+            by_endpoint = {e: sum(e in o.endpoints for o in outcomes) / len(outcomes) for e in sorted(ENDPOINTS)}
         emptied[name] = sum(o.emptied for o in outcomes) / len(outcomes)
         stuck[name] = sum(o.stuck for o in outcomes) / len(outcomes)
         times = [o.first_emptied_at for o in outcomes if o.first_emptied_at is not None]
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print("runs that emptied each endpoint's record, without protection (each pass writes them in this order): "
+          + ", ".join(f"{e} {share:.1%}" for e, share in by_endpoint.items()))
     print(f"forced race (delay of 30 s injected between t = 20 and t = {20 + 0.37 * (args.seeds - 1):.0f}): "
           f"record emptied in {forced_share:.1%} of {args.seeds} runs")
     print(f"({elapsed:.1f} s wall)")
@@ -125,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                  "delay_max_s": race.delay_max_s},
         "emptied_share": emptied,
         "stuck_share": stuck,
+        "emptied_endpoint_share": by_endpoint,
         "forced_emptied_share": forced_share,
     }
     print(json.dumps(result))
