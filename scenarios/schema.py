@@ -243,7 +243,7 @@ class PolicyParam(_Model):
 
 
 class DnsProtectionsSpec(_Model):
-    """The three DNS-plan protections (research/aws-facts.md 3); all off reproduces the 2025-10-20 race."""
+    """The three DNS-plan protections (docs/sources.md); all off reproduces the 2025-10-20 race."""
 
     cas: Flag = False
     keep_active: Flag = False

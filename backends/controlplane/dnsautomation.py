@@ -27,9 +27,10 @@ Timing rules (all durations in sim seconds):
      construction, whatever the moment; a delay just over keep_generations intervals may leave only a stale
      record, which the next pass repairs.
    - emergent: every write is delayed with probability `delay_probability` by an exponential delay of mean
-     `delay_mean_s`, capped at `delay_max_s`, and lands when its delay is over, nothing held. Whether the
-     record is emptied comes out of the mechanism: a stale write must land after a newer plan reached its
-     endpoint and before its own plan is cleaned up, and some later clean-up must delete that plan while active.
+     `delay_mean_s`, capped at `delay_max_s`, and lands when its delay is over, nothing held (an injected
+     delay too). Whether the record is emptied comes out of the mechanism: a stale write must land after a
+     newer plan reached its endpoint and before its own plan is cleaned up, and some later clean-up must
+     delete that plan while active.
 7. `restore`, `pause` and `resume` abandon every pass in progress (held and in-flight writes included): a
    stopped enactor loses its in-memory plan, and a repair must not be undone by a stale write.
 Notices (name, fields with "at") go to `notify`: delay-injected, fail-injected, delay-drawn, delayed-write-landed,

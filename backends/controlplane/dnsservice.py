@@ -278,7 +278,12 @@ class DnsService:
                 for task in (sleeper, waker):
                     task.cancel()
                 await asyncio.gather(sleeper, waker, return_exceptions=True)
-            self.automation.advance(self._clock.now())
+            try:
+                self.automation.advance(self._clock.now())
+            except Exception:
+                # A broken rule must not stop the DNS automation silently: say so, then stop it.
+                log.exception("DNS automation failed; its records stay as they are")
+                raise
 
     def _catch_up(self) -> float:
         now = self._clock.now()
