@@ -31,6 +31,9 @@ def test_dns_race_bench_prints_a_table_and_ends_with_the_shares_as_json() -> Non
     assert shares["none"] > 0 and shares["cas"] == shares["keep_active"] == shares["guard"] == 0.0
     assert result["stuck_share"]["guard"] == shares["none"]  # the guard keeps the record, not the control plane
     assert result["forced_emptied_share"] == 1.0  # the forced mode's guarantee
+    by_endpoint = result["emptied_endpoint_share"]
+    assert list(by_endpoint) == ["leasestore-fips.cp.lbsim", "leasestore-ipv6.cp.lbsim", "leasestore.cp.lbsim"]
+    assert max(by_endpoint.values()) <= shares["none"] <= sum(by_endpoint.values())
 
 
 def test_dns_race_bench_rejects_no_seeds() -> None:
