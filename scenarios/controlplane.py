@@ -15,12 +15,14 @@ addresses the load balancer publishes.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from backends.controlplane.clock import SimClock
+from backends.controlplane.dnsautomation import RaceConfig, RaceMode
 from backends.controlplane.dnsplan import Protections
 from backends.controlplane.dnsservice import DnsService, DnsServiceConfig
 from backends.controlplane.hostmanager import HostManager, HostManagerConfig
@@ -60,6 +62,7 @@ class ControlPlane:
         on_terminated: Callable[[str], None],
         on_event: OnEvent,
         dns_port: int = 0,
+        seed: int | None = None,
     ) -> None:
         assert scenario.control_plane is not None
         self.spec: ControlPlaneSpec = scenario.control_plane
@@ -71,6 +74,7 @@ class ControlPlane:
         self._on_launched = on_launched
         self._on_terminated = on_terminated
         self._on_event = on_event
+        self.seed = scenario.seed if seed is None else seed  # the run's seed (`--seed`), else the scenario's
         self.dns_port = dns_port  # 0: an ephemeral port; `lbsim serve` fixes it so an operator can dig it
         self.store: LeaseStoreServer | None = None
         self.dns: DnsService | None = None
@@ -102,12 +106,15 @@ class ControlPlane:
                     enactor_poll_s=d.enactor_poll_s, keep_generations=d.keep_generations, ttl_s=d.ttl_s,
                     protections=Protections(cas=d.protections.cas, keep_active=d.protections.keep_active,
                                             guard=d.protections.guard, min_fraction=d.protections.min_fraction),
+                    race=RaceConfig(mode=RaceMode(d.race.mode), delay_probability=d.race.delay_probability,
+                                    delay_mean_s=d.race.delay_mean_s, delay_max_s=d.race.delay_max_s),
                 ),
                 {name: {self.store.host: 1} for name in _ENDPOINTS},
                 self.registry,
                 extra=self._extra,
                 extra_ttl=self._extra_ttl,
                 port=self.dns_port,
+                rng=random.Random(f"dns-race/{self.seed}"),  # the emergent race's delays, fixed by the run's seed
             )
             self.dns.on_event = lambda kind, data: self._on_event(f"dns_{kind}", "dns", data)
             await self.dns.start()

@@ -342,7 +342,7 @@ class ScenarioRun:
                 self.control = ControlPlane(
                     sc, clock, self.fleet, cp_registry, lb_addresses=lambda: list(self._resolve()),
                     on_launched=self._on_launched, on_terminated=self._on_terminated, on_event=self._on_cp_event,
-                    dns_port=self.ports.get("dns", 0),
+                    dns_port=self.ports.get("dns", 0), seed=self.seed,
                 )
                 await self.control.start([(t.id, t.zone) for t in self.lb.targets.values()])
                 assert self.control.dns is not None

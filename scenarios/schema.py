@@ -245,12 +245,24 @@ class PolicyParam(_Model):
 
 
 class DnsProtectionsSpec(_Model):
-    """The three DNS-plan protections (research/aws-facts.md 3); all off reproduces the 2025-10-20 race."""
+    """The three DNS-plan protections (docs/sources.md); all off reproduces the 2025-10-20 race."""
 
     cas: Flag = False
     keep_active: Flag = False
     guard: Flag = False
     min_fraction: Annotated[Fraction, Field(ge=0, le=1)] = 0.5
+
+
+class DnsRaceSpec(_Model):
+    """How enactor writes get delayed (backends/controlplane/dnsautomation.py rule 6): `forced` holds an
+    injected delay's write until another enactor's clean-up (the empty record by construction, for teaching);
+    `emergent` delays each write with probability `delay_probability` by an exponential delay of mean
+    `delay_mean_s` (at most `delay_max_s`), drawn from the run's seed, and the race happens or not."""
+
+    mode: Literal["forced", "emergent"] = "forced"
+    delay_probability: Annotated[Fraction, Field(ge=0, le=1)] = 0.05
+    delay_mean_s: Annotated[Seconds, Field(gt=0)] = 15.0
+    delay_max_s: Annotated[Seconds, Field(ge=0)] = 120.0
 
 
 class DnsSpec(_Model):
@@ -262,6 +274,7 @@ class DnsSpec(_Model):
     keep_generations: Annotated[Whole, Field(ge=0, le=1000)] = 3
     ttl_s: Annotated[WholeSeconds, Field(ge=0, le=86400)] = 5  # of the lease store's record; sim seconds
     protections: DnsProtectionsSpec = DnsProtectionsSpec()
+    race: DnsRaceSpec = DnsRaceSpec()
 
 
 class LeaseStoreSpec(_Model):

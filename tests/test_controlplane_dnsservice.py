@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 from typing import Any
 
 import dns.asyncresolver
@@ -13,9 +14,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support import LOOPS, open_sockets, run_on, wait_for
 
+from backends.controlplane.dnsautomation import DnsAutomation, RaceConfig, RaceMode
 from backends.controlplane.dnsplan import Protections, WriteOutcome
 from backends.controlplane.dnsservice import DnsService, DnsServiceConfig, served_addresses
 from lb.clock import ScaledClock
+from scenarios.schema import ScenarioError, load_scenario
 
 SPEED = 100.0
 CONFIG = DnsServiceConfig()  # planner every 5 s, 3 enactors, 0.5 s per write, keep 3 generations
@@ -100,6 +103,23 @@ def test_config_is_validated() -> None:
         with pytest.raises(ValueError):
             DnsServiceConfig(**bad)  # type: ignore[arg-type]
     assert CONFIG.fqdn("LeaseStore") == "leasestore.cp.lbsim"
+    with pytest.raises(ValueError, match="seeded"):  # the emergent mode draws from an injected rng only
+        DnsService(ScaledClock(SPEED), DnsServiceConfig(race=RaceConfig(RaceMode.EMERGENT)), ENDPOINTS)
+
+
+def test_the_scenario_schema_checks_the_race_mode_and_the_built_in_race_is_forced() -> None:
+    scenario, _ = load_scenario("dns-enactor-race")
+    assert scenario.control_plane is not None and scenario.control_plane.dns.race.mode == "forced"
+    emergent, _ = load_scenario("dns-enactor-race", ["control_plane.dns.race.mode=emergent"])
+    assert emergent.control_plane is not None and emergent.control_plane.dns.race.mode == "emergent"
+    for override, message in (
+        ("control_plane.dns.race.mode=chaotic", "one of 'forced' or 'emergent'"),
+        ("control_plane.dns.race.delay_probability=1.5", "less than or equal to 1"),
+        ("control_plane.dns.race.delay_mean_s=0", "greater than 0"),
+        ("control_plane.dns.race.delay_max=3", "did you mean `delay_max_s`"),
+    ):
+        with pytest.raises(ScenarioError, match=message):
+            load_scenario("dns-enactor-race", [override])
 
 
 def test_served_addresses_follow_route53_weights() -> None:
@@ -138,7 +158,7 @@ def test_store_events_are_drained_once_each_from_its_bounded_log() -> None:
         for endpoint in service.endpoints:
             store.write(endpoint, gen, float(gen))
         store.delete_older_than(gen - 1, float(gen))  # generations 1 to 9, none of them active any more
-        service._drain_events()  # as the service does after every write and clean-up
+        service.automation._drain_events()  # as the automation does after every write and clean-up
     assert service.plans_deleted == 9 and service.records_emptied == 0
     assert len(store.events) == 5 and store.events_total == 3 + 10 * 3 + 9
     assert registry.get_sample_value("lbsim_dns_plans_deleted_total") == 9
@@ -296,3 +316,36 @@ async def test_paused_automation_plans_and_applies_nothing_until_resumed() -> No
         await wait_for(lambda: service.record(KEY) == ["10.0.0.8"])
         assert service.generation > generation
         assert recorder.kinds().count("paused") == 1 and recorder.kinds().count("resumed") == 1
+
+
+def test_emergent_mode_on_loopback_empties_the_record_where_the_virtual_clock_run_does() -> None:
+    # RACING_SEED: the pure core on a virtual clock (tests/test_controlplane_dnsautomation.py) empties a record
+    # at t = 36.7 with these endpoints; the service drives the same core on a scaled clock, so it must too.
+    racing_seed, speed = 68, 10.0  # at 10x a poll is 100 ms of wall time: loop lag cannot reorder the steps
+    config = DnsServiceConfig(race=RaceConfig(RaceMode.EMERGENT))
+    virtual = DnsAutomation(config.automation(), ENDPOINTS, 0.0, random.Random(racing_seed))
+    virtual.run_until(100.0)
+    assert virtual.first_emptied_at is not None
+    emptied_at = virtual.first_emptied_at
+    emptied = next(e for e in virtual.store.events if e.kind == "emptied")
+    endpoint = emptied.endpoint
+    assert endpoint is not None
+
+    async def body() -> None:
+        recorder = Recorder()
+        clock = ScaledClock(speed)
+        service = DnsService(clock, config, ENDPOINTS, on_event=recorder, rng=random.Random(racing_seed))
+        t0 = service.automation.t0
+        async with service:
+            bound = (emptied_at + 2 * config.planner_interval_s) / speed + 1.0
+            await wait_for(lambda: service.records_emptied > 0, within=bound)
+            real = recorder.first("emptied")
+            assert (real["endpoint"], real["generation"]) == (emptied.endpoint, emptied.generation)
+            assert real["at"] - t0 == pytest.approx(emptied_at, abs=1e-6)  # transitions run at their due times
+            assert any(f["drawn"] and f["generation"] == emptied.generation
+                       for k, f in recorder.events if k == "delayed-write-landed")
+            assert service.inconsistent and service.record(endpoint) == []
+            rcode, addresses, _ = await query(service, endpoint)
+            assert (rcode, addresses) == (dns.rcode.NOERROR, [])  # a real resolver sees the empty record
+
+    asyncio.run(body())

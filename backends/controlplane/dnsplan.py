@@ -1,7 +1,7 @@
 """The pure DNS planner / enactor / plan store core that reproduces the AWS 2025-10-20 empty-record race.
 
-The AWS mechanism (research/aws-facts.md section 3): a Planner periodically produces a new plan generation
-(for each endpoint, a set of addresses with weights); three independent Enactors each take the newest plan,
+The AWS mechanism (the post-event summary, see docs/sources.md): a Planner periodically produces a new plan
+generation (for each endpoint, a set of addresses with weights); three independent Enactors each take the newest plan,
 check ONCE, before starting, that it is newer than the applied one, then apply it endpoint by endpoint; after
 the last endpoint an Enactor runs a clean-up that deletes plans many generations older than the one it just
 applied. Enactor A was delayed mid-way; B applied a much newer plan everywhere and cleaned up; A, its start-time
