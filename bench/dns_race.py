@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from backends.controlplane.dnsautomation import AutomationConfig, DnsAutomation, RaceConfig, RaceMode
 from backends.controlplane.dnsplan import Protections
 
-# The three endpoints a scenario's control plane serves (scenarios/controlplane.py): a pass writes them in this
-# order, the lease store's own name last.
+# The three endpoints a scenario's control plane serves (scenarios/controlplane.py). The forced mode writes them
+# in this (sorted) order, the lease store's own name last; the emergent mode draws each pass's order.
 ENDPOINTS = {
     "leasestore-fips.cp.lbsim": {"10.0.1.1": 1},
     "leasestore-ipv6.cp.lbsim": {"10.0.1.1": 1},
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-    print("runs that emptied each endpoint's record, without protection (each pass writes them in this order): "
+    print("runs that emptied each endpoint's record, without protection (each pass draws its order): "
           + ", ".join(f"{e} {share:.1%}" for e, share in by_endpoint.items()))
     print(f"forced race (delay of 30 s injected between t = 20 and t = {20 + 0.37 * (args.seeds - 1):.0f}): "
           f"record emptied in {forced_share:.1%} of {args.seeds} runs")

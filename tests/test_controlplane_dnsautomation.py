@@ -26,9 +26,17 @@ ENDPOINTS = {
 FIRST = "ddb.cp.lbsim"  # sorts first: the first write of every pass
 CONFIG = AutomationConfig()  # planner every 5 s, enactors a b c, 0.5 s a write, poll 1 s, keep 3 generations
 EMERGENT = RaceConfig(RaceMode.EMERGENT)  # a write hangs with p = 0.05 for Exp(mean 15 s) <= 120 s
-# Seeds of the emergent mode with these endpoints and defaults: RACING empties a record at t = 36.7 (also the
+# Seeds of the emergent mode with these endpoints and defaults: RACING empties a record at t = 31.7 (also the
 # real-socket test's seed in test_controlplane_dnsservice.py); QUIET empties nothing within 200 s.
 RACING, QUIET = 68, 0
+# The endpoints a scenario's control plane serves (scenarios/controlplane.py): the lease store's own name sorts
+# last. With them, LEASE_RACING empties the lease store's record at t = 31.7 in the emergent mode.
+LEASE_STORE = "leasestore.cp.lbsim"
+SCENARIO_ENDPOINTS = {
+    name: {"10.0.1.1": 1} for name in ("leasestore-fips.cp.lbsim", "leasestore-ipv6.cp.lbsim", LEASE_STORE)
+}
+LEASE_RACING = 35
+WRITE_OUTCOMES = frozenset(o.value for o in WriteOutcome)
 
 
 class Notices:
@@ -53,6 +61,15 @@ def make(
 
 def served_everywhere(auto: DnsAutomation) -> bool:
     return all(auto.store.published[e] for e in auto.endpoints)
+
+
+def passes(auto: DnsAutomation) -> dict[tuple[str, int], list[str]]:
+    """(enactor, generation) -> the endpoints that pass wrote, in the order the store saw the writes."""
+    out: dict[tuple[str, int], list[str]] = {}
+    for event in auto.store.events:
+        if event.kind in WRITE_OUTCOMES and event.actor != "init" and event.endpoint is not None:
+            out.setdefault((event.actor, event.generation), []).append(event.endpoint)
+    return out
 
 
 # -- configuration
@@ -230,7 +247,10 @@ def test_emergent_mode_outcomes_follow_the_drawn_delays() -> None:
     assert landed and landed[-1]["drawn"] and landed[-1]["outcome"] == "applied"
     assert landed[-1]["before_cleanup_of"] is None and landed[-1]["at"] <= emptied["at"]
     drawn = [f for f in racing_notices.of("delay-drawn") if f["generation"] == emptied["generation"]]
-    assert any(f["endpoint"] == emptied["endpoint"] for f in drawn)
+    assert any(f["endpoint"] == landed[-1]["endpoint"] for f in drawn)
+    # The stale pass goes on after its hung write lands: the emptied endpoint is that one or one written after it.
+    stale_pass = passes(racing)[landed[-1]["enactor"], emptied["generation"]]
+    assert emptied["endpoint"] in stale_pass[stale_pass.index(landed[-1]["endpoint"]):]
     assert racing.planner.generation - emptied["generation"] > CONFIG.keep_generations
     # Same seed, same run; no hung writes, no race.
     again, again_notices = make(EMERGENT, seed=RACING)
@@ -266,3 +286,58 @@ def test_emergent_mode_each_protection_prevents_the_empty_record(name: str) -> N
     stuck = [a.store.inconsistent for a in runs]
     # cas and keep_active keep the control plane consistent too; the guard keeps only the records.
     assert any(stuck) == (name == "guard") and stuck[0] == (name == "guard")
+
+
+# -- the order of a pass: sorted when forced, drawn when emergent, so no endpoint is spared by its place
+
+
+def test_a_pass_writes_the_endpoints_sorted_when_forced_and_in_a_drawn_order_when_emergent() -> None:
+    forced = DnsAutomation(CONFIG, SCENARIO_ENDPOINTS, 0.0, random.Random(LEASE_RACING))
+    forced.plan(5.0)
+    assert forced.pick_up("a", 5.0) == StartOutcome.STARTED
+    a = forced.slots["a"]
+    assert a.enactor.pending == sorted(SCENARIO_ENDPOINTS) and a.write and a.write.endpoint == a.enactor.pending[0]
+    forced.run_until(100.0)
+    assert all(order == sorted(SCENARIO_ENDPOINTS) for order in passes(forced).values())  # the lease store last
+    # Emergent, never hung: every pass writes each endpoint once, in an order drawn per pass from the rng.
+    config = AutomationConfig(race=RaceConfig(RaceMode.EMERGENT, delay_probability=0.0))
+    emergent = DnsAutomation(config, SCENARIO_ENDPOINTS, 0.0, random.Random(LEASE_RACING))
+    emergent.run_until(100.0)
+    orders = list(passes(emergent).values())
+    assert len(orders) >= 19 and all(sorted(order) == sorted(SCENARIO_ENDPOINTS) for order in orders)
+    assert len({tuple(order) for order in orders}) > 1
+    assert {order[-1] for order in orders} == set(SCENARIO_ENDPOINTS)  # the lease store not always last
+    again = DnsAutomation(config, SCENARIO_ENDPOINTS, 0.0, random.Random(LEASE_RACING))
+    again.run_until(100.0)
+    assert list(passes(again).values()) == orders
+
+
+def test_emergent_mode_can_empty_the_lease_stores_own_record() -> None:
+    notices = Notices()
+    auto = DnsAutomation(AutomationConfig(race=EMERGENT), SCENARIO_ENDPOINTS, 0.0, random.Random(LEASE_RACING),
+                         notify=notices)
+    auto.run_until(200.0)
+    emptied = notices.of("emptied")
+    assert [f["endpoint"] for f in emptied] == [LEASE_STORE]
+    assert auto.first_emptied_at == pytest.approx(31.667, abs=1e-3)
+    assert auto.store.published[LEASE_STORE] == {} and auto.store.inconsistent
+    # The clean-up that emptied it ran after a pass that did not write the lease store last, so a stale write
+    # could land on it in between; with the lease store always last that window never opens.
+    cleaner = passes(auto)[emptied[0]["by"], max(g for (n, g) in passes(auto) if n == emptied[0]["by"])]
+    assert cleaner[-1] != LEASE_STORE
+    landed = [f for f in notices.of("delayed-write-landed") if f["generation"] == emptied[0]["generation"]]
+    assert landed and landed[-1]["drawn"] and landed[-1]["at"] <= emptied[0]["at"]
+    # Same seed, same run.
+    again = Notices()
+    DnsAutomation(AutomationConfig(race=EMERGENT), SCENARIO_ENDPOINTS, 0.0, random.Random(LEASE_RACING),
+                  notify=again).run_until(200.0)
+    assert again.items == notices.items
+
+
+@pytest.mark.parametrize("name", ["cas", "keep_active", "guard"])
+def test_emergent_mode_protections_keep_the_lease_stores_record_with_a_drawn_order(name: str) -> None:
+    config = AutomationConfig(race=EMERGENT, protections=Protections(**{name: True}))
+    auto = DnsAutomation(config, SCENARIO_ENDPOINTS, 0.0, random.Random(LEASE_RACING))
+    auto.run_until(200.0)
+    assert auto.records_emptied == 0 and auto.store.published[LEASE_STORE] == {"10.0.1.1": 1}
+    assert auto.store.inconsistent == (name == "guard")  # the guard keeps the record, not the control plane

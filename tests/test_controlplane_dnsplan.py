@@ -152,6 +152,25 @@ def test_start_checks_once_that_the_newest_plan_is_newer_than_the_applied_one() 
         store.add(store.plans[1])
 
 
+def test_a_pass_writes_the_endpoints_sorted_or_in_an_order_drawn_from_the_given_rng() -> None:
+    def orders(seed: int | None) -> list[tuple[str, ...]]:
+        planner, store = Planner(RECORDS), PlanStore()
+        a, rng = Enactor("A", store), None if seed is None else random.Random(seed)
+        out = []
+        for t in range(12):
+            store.add(planner.next(t))
+            assert a.start(t, rng) == StartOutcome.STARTED
+            out.append(tuple(a.pending))
+            assert [a.apply_next(t)[0] for _ in ENDPOINTS] == list(out[-1]) and a.state == EnactorState.CLEANUP_PENDING
+            a.cleanup(t)
+        return out
+
+    assert set(orders(None)) == {tuple(sorted(ENDPOINTS))}
+    drawn = orders(3)
+    assert all(sorted(order) == sorted(ENDPOINTS) for order in drawn) and len(set(drawn)) > 1
+    assert orders(3) == drawn  # same seed, same orders
+
+
 def test_enactor_steps_must_follow_the_state_machine() -> None:
     store = PlanStore()
     a = Enactor("A", store)

@@ -320,7 +320,7 @@ async def test_paused_automation_plans_and_applies_nothing_until_resumed() -> No
 
 def test_emergent_mode_on_loopback_empties_the_record_where_the_virtual_clock_run_does() -> None:
     # RACING_SEED: the pure core on a virtual clock (tests/test_controlplane_dnsautomation.py) empties a record
-    # at t = 36.7 with these endpoints; the service drives the same core on a scaled clock, so it must too.
+    # at t = 31.7 with these endpoints; the service drives the same core on a scaled clock, so it must too.
     racing_seed, speed = 68, 10.0  # at 10x a poll is 100 ms of wall time: loop lag cannot reorder the steps
     config = DnsServiceConfig(race=RaceConfig(RaceMode.EMERGENT))
     virtual = DnsAutomation(config.automation(), ENDPOINTS, 0.0, random.Random(racing_seed))

@@ -12,7 +12,8 @@ Timing rules (all durations in sim seconds):
    tick; a driver that fell behind skips the ticks it missed instead of planning in a burst.
 3. `pick_up`: each enactor polls every `enactor_poll_s` on its own grid, offset by (i + 1/2) / n of a poll, so
    they never all start at once. It takes the newest plan with the one-time staleness check (dnsplan rule 2);
-   after a pass it looks again at once.
+   after a pass it looks again at once. A pass writes the endpoints in sorted order in the forced mode and in
+   an order drawn from the injected random in the emergent mode (rule 6).
 4. `begin_write`: a write to one endpoint takes `apply_time_s` plus an extra delay: an injected one
    (`delay_enactor`) or, in the emergent mode, one drawn from `RaceConfig` (a hung transaction).
    `finish_write`: the write lands; the store reads the plan then (dnsplan rule 3). An injected failure
@@ -28,9 +29,10 @@ Timing rules (all durations in sim seconds):
      record, which the next pass repairs.
    - emergent: every write is delayed with probability `delay_probability` by an exponential delay of mean
      `delay_mean_s`, capped at `delay_max_s`, and lands when its delay is over, nothing held (an injected
-     delay too). Whether the record is emptied comes out of the mechanism: a stale write must land after a
-     newer plan reached its endpoint and before its own plan is cleaned up, and some later clean-up must
-     delete that plan while active.
+     delay too). Each pass draws the order of its endpoints (AWS publishes none; a fixed order would spare
+     the endpoint written last, which every clean-up follows a fresh write to). Whether the record is emptied
+     comes out of the mechanism: a stale write must land after a newer plan reached its endpoint and before
+     its own plan is cleaned up, and some later clean-up must delete that plan while active.
 7. `restore`, `pause` and `resume` abandon every pass in progress (held and in-flight writes included): a
    stopped enactor loses its in-memory plan, and a repair must not be undone by a stale write.
 Notices (name, fields with "at") go to `notify`: delay-injected, fail-injected, delay-drawn, delayed-write-landed,
@@ -301,7 +303,8 @@ class DnsAutomation:
     def pick_up(self, name: str, now: float) -> StartOutcome:
         """An enactor polls (rule 3): start a pass with the newest plan, or wait for the next poll."""
         slot = self._slot(name)
-        outcome = slot.enactor.start(now)
+        emergent = self.config.race.mode == RaceMode.EMERGENT
+        outcome = slot.enactor.start(now, self.rng if emergent else None)
         if outcome == StartOutcome.STARTED:
             self._continue(slot, now)
             return outcome

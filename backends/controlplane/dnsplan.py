@@ -12,7 +12,8 @@ until operators intervened.
 Rules of this model:
 1. `Planner.next(now)` returns generation n+1 of the plan, with the desired records at that moment.
 2. `Enactor.start(now)` takes the store's newest plan and checks once that its generation is greater than the
-   highest generation applied on any endpoint; it never re-checks per endpoint.
+   highest generation applied on any endpoint; it never re-checks per endpoint. The pass writes the endpoints in
+   sorted order, or in an order shuffled by `start(now, order_rng)` (AWS gives no order, see `Enactor.start`).
 3. `Enactor.apply_next(now)` writes the plan to the next endpoint. Time passes only between calls: a delayed
    Enactor is one the caller does not step. `ok=False` is a failed attempt (endpoint blocked, timeout); the
    same endpoint is retried on the next call. An Enactor whose plan was deleted meanwhile stops (it reads the
@@ -40,6 +41,7 @@ No I/O and no clock reads: the caller passes `now`, so unit tests or a virtual-t
 from __future__ import annotations
 
 import collections
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -287,8 +289,9 @@ class Enactor:
         if self.keep_generations < 0:
             raise ValueError(f"keep_generations must be >= 0, got {self.keep_generations}")
 
-    def start(self, now: float) -> StartOutcome:
-        """Take the newest plan and make the ONE-TIME staleness check against the applied generation."""
+    def start(self, now: float, order_rng: random.Random | None = None) -> StartOutcome:
+        """Take the newest plan and make the ONE-TIME staleness check against the applied generation; the pass
+        writes the endpoints in sorted order, or in an order drawn from `order_rng`."""
         self._require(EnactorState.IDLE)
         if self.store.inconsistent:
             return StartOutcome.REFUSED_INCONSISTENT
@@ -299,7 +302,13 @@ class Enactor:
         if applied is not None and plan.generation <= applied:
             return StartOutcome.NOT_NEWER
         self.plan = plan
+        # AWS's summary says only that an enactor applies a plan to the endpoints one after another, not in
+        # which order. A fixed order spares the endpoint written last: every clean-up comes right after a
+        # write of a newer plan to it, so a stale write never sits on it when a clean-up runs. Sorted keeps
+        # the choreographed (forced) race reproducible; a drawn order exposes every endpoint to the race.
         self.pending = sorted(plan.records)
+        if order_rng is not None:
+            order_rng.shuffle(self.pending)
         self.outcomes = {}
         self.state = EnactorState.APPLYING if self.pending else EnactorState.CLEANUP_PENDING
         return StartOutcome.STARTED
