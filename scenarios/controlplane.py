@@ -38,7 +38,8 @@ ZONE_SUFFIX = "cp.lbsim"
 LEASE_STORE_NAME = f"leasestore.{ZONE_SUFFIX}"
 LB_NAME = "lb.lbsim"
 # The planner plans several endpoints of the same service, as DynamoDB's planned its regional, FIPS and IPv6 ones;
-# the regional one is written last by an enactor going through them in order, which is where the race struck.
+# the race struck the regional one. A forced-mode pass writes them sorted, the regional one last; AWS gives no
+# order, so an emergent-mode pass draws one (backends/controlplane/dnsautomation.py rule 6).
 _ENDPOINTS = (f"leasestore-fips.{ZONE_SUFFIX}", f"leasestore-ipv6.{ZONE_SUFFIX}", LEASE_STORE_NAME)
 # How long a client waits for the DNS server, in sim seconds.
 _DNS_TIMEOUT_S = 1.0
