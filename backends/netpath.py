@@ -1,6 +1,6 @@
 """A per-target TCP relay in front of each backend: the target's network as the control plane configured it.
 
-States, in the spirit of Toxiproxy's toxics (research/policies.md section 3), and what each does on the wire:
+States, in the spirit of Toxiproxy's toxics (docs/sources.md#toxiproxy), and what each does on the wire:
 
 - `open`: accept, dial the upstream, relay bytes both ways. If the dial fails, RST the client (Toxiproxy
   closes it with FIN; an RST is what a dead next hop looks like to an L4 probe).

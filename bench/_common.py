@@ -36,7 +36,7 @@ from typing import Any
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# Kernel counters that explain latency outliers and failed connections on loopback (perf-anchors.md, note f):
+# Kernel counters that explain latency outliers and failed connections on loopback:
 # SYN retransmits mean a 1 s stall, TIME_WAIT overflow means the table was full, listen overflows mean an
 # accept queue dropped SYNs.
 NETSTAT_KEYS = ("TCPSynRetrans", "TCPTimeWaitOverflow", "ListenOverflows", "ListenDrops")

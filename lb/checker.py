@@ -5,7 +5,7 @@ Two layers, so the interesting behaviour can be tested without sockets or sleepi
 * `ProbeSchedule` is pure: it is told `now` (sim seconds) and answers which probes start now, plus when to
   ask again. It owns the per-target due times, the jitter, the in-flight limit, the start-rate token bucket
   and the rule that turns a probe which could only start after its own timeout into an immediate, "late"
-  timeout. That last rule is the mechanism of the October 2025 AWS event (research/aws-facts.md 2.6): a
+  timeout. That last rule is the mechanism of the October 2025 AWS event (docs/sources.md#aws-summary): a
   saturated health-check subsystem delays checks, delayed checks count as failures, failures cause
   transitions, and transitions cost the subsystem more work (`charge`).
 * `NodeChecker` is the asyncio shell: one scheduler task per node sleeps until the schedule's next wakeup,

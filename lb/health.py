@@ -1,6 +1,6 @@
 """The pure per-target health state machine and the quorum rule that merges the views of several nodes.
 
-Rules (AWS NLB semantics, research/aws-facts.md 4.1):
+Rules (AWS NLB semantics, docs/sources.md#nlb-health):
 1. A new target is `initial` and not routable until it passes `healthy_threshold` consecutive checks.
 2. `unhealthy_threshold` consecutive failures make an `initial` or `healthy` target `unhealthy`.
 3. `healthy_threshold` consecutive successes make an `unhealthy` target `healthy`.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from lb.targets import TargetState
 
-# AWS NLB target-group limits (CreateTargetGroup API, research/aws-facts.md 4.1).
+# AWS NLB target-group limits (CreateTargetGroup API, docs/sources.md#nlb-health).
 AWS_INTERVAL_RANGE_S = (5.0, 300.0)
 AWS_TIMEOUT_RANGE_S = (2.0, 120.0)
 AWS_THRESHOLD_RANGE = (2, 10)

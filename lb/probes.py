@@ -1,7 +1,7 @@
 """Health-check probes on raw asyncio sockets: TCP connect and HTTP/1.1 GET, strict parsing, always a verdict.
 
 Design, measured on the project's 2-vCPU box (100 concurrent probes in a loop against a uvloop backend on the
-other core; CPU time per probe; research/perf-anchors.md section 4 for HAProxy's 45-69 us per check):
+other core; CPU time per probe; docs/sources.md#performance for HAProxy's 45-69 us per check):
 
 * No streams and no transports. A probe is one non-blocking socket driven by `loop.add_writer` /
   `loop.add_reader` callbacks, one `loop.call_later` timer and one future: 60-68 us per HTTP probe on asyncio
@@ -18,7 +18,7 @@ other core; CPU time per probe; research/perf-anchors.md section 4 for HAProxy's
 * Sockets are closed with SO_LINGER 0 (an RST) by default, as HAProxy closes its checks (haproxy/haproxy
   issues 560 and 2447). Closing with a FIN left ~39,000 sockets in TIME_WAIT after a 2 s burst and cost
   85-111 us per probe instead of 60-68: at a few thousand probes per second it would overflow the kernel's
-  TIME_WAIT table (perf-anchors note f) and eat the ephemeral ports. The price is that a backend still writing
+  TIME_WAIT table (README, "Soak") and eat the ephemeral ports. The price is that a backend still writing
   its response may see ECONNRESET; `reset_close=False` sends a FIN instead.
 
 Every probe returns a `ProbeOutcome` and never raises, except `CancelledError`, which propagates after the

@@ -1,7 +1,7 @@
 """The L4 data path of one zone node: accept, pick a target, copy bytes both ways.
 
 Built on asyncio Protocols and transports, not streams: a stream proxy costs ~2x the CPU per request and
-cannot keep up with connection churn (research/perf-anchors.md, section 3). Each accepted connection is one
+cannot keep up with connection churn (docs/sources.md#performance). Each accepted connection is one
 `_Flow`, which is the client side's protocol and owns the whole connection state; the upstream side's
 protocol (`_Upstream`) only forwards its events to the flow.
 
@@ -17,7 +17,7 @@ Life of a flow:
    seen EOF, then both transports are closed (after flushing).
 5. Errors: an upstream RST is passed on as an RST to the client (`upstream_reset`), a client RST as an RST to
    the upstream (`client_reset`). `close_target` and `stop` RST both sides (`terminated`; NLB's connection
-   termination for unhealthy targets, research/aws-facts.md 4.1/4.4).
+   termination for unhealthy targets, docs/sources.md#nlb-health).
 6. Idle timeout (optional; NLB's is 350 s, settable 60-6000 s): a connected flow on which no byte moved either
    way for that long is reset on both sides (`idle_timeout`), so a silent target cannot hold a flow forever.
 

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 
 class TargetState(StrEnum):
-    """AWS ELB target health states (archived NLB user guide; see research/aws-facts.md 4.1)."""
+    """AWS ELB target health states (archived NLB user guide; see docs/sources.md#nlb-health)."""
 
     INITIAL = "initial"
     HEALTHY = "healthy"

@@ -1,6 +1,6 @@
 """Wires one run's control plane: DNS, lease store, host manager, network manager and instances, and the LB's name.
 
-The chain of 2025-10-20 (research/aws-facts.md 2) runs through real sockets here:
+The chain of 2025-10-20 (docs/sources.md#aws-summary) runs through real sockets here:
 - the host manager reaches the lease store only by its DNS name (`leasestore.cp.lbsim`), through a resolver
   that honours TTLs, so an empty record stops renewals once cached answers expire;
 - instances need a leased host to launch, and a launched instance's network path stays blackholed until the

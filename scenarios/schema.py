@@ -194,7 +194,7 @@ class TrafficSpec(_Model):
     rate_per_s: Annotated[PerSecond, Field(ge=0, le=5000)] = 10.0  # requests per sim second
     timeout_s: Annotated[Seconds, Field(gt=0)] = 5.0
     path: str = "/work?bytes=256"
-    dns_ttl_s: Annotated[Seconds, Field(ge=0)] = 60.0  # NLB's record TTL (research/aws-facts.md 4.3)
+    dns_ttl_s: Annotated[Seconds, Field(ge=0)] = 60.0  # NLB's record TTL (docs/sources.md#nlb-health)
     max_outstanding: Annotated[Whole, Field(ge=1, le=10000)] = 500
 
 

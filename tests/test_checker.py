@@ -2,7 +2,7 @@
 
 Timing tolerances: a probe may start later than its due by the event loop's scheduling slack. Asyncio rounds
 timer waits up to 1 ms; the measured p99 lateness on this 2-core VM is 1-2.3 ms with rare 15-36 ms spikes
-(research/perf-anchors.md section 4); here the backend shares the loop with the checker, and CI may share the
+(docs/sources.md#performance); here the backend shares the loop with the checker, and CI may share the
 cores with other jobs (with two CPU hogs running we saw 65 ms stalls). So we allow SLACK_WALL_S = 100 ms of
 wall time, i.e. SLACK_WALL_S x speed in sim seconds, on top of the schedule's own jitter bounds, which are
 checked exactly. Speeds are chosen so that this slack stays well under one interval: a scheduler that missed

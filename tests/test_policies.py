@@ -551,7 +551,7 @@ def test_two_dns_removers_agree_in_either_order() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# max-ejection: Envoy conformance vectors (research/peers-and-style.md A3, research/policies.md 2.1)
+# max-ejection: Envoy conformance vectors (docs/sources.md#envoy)
 
 
 def _eject_all(policy: MaxEjection, n: int) -> tuple[set[str], RoutingPlan]:

@@ -3,7 +3,7 @@
 Rules, per query (dnspython does the wire format):
 1. `records(name)` gets the lower-case query name without the trailing dot. None -> NXDOMAIN; a list ->
    NOERROR with one A record per address (an empty list -> NOERROR with an empty answer: the empty record
-   of the AWS race, research/aws-facts.md section 3); a name that exists but a type other than A -> NOERROR,
+   of the AWS race, docs/sources.md#aws-summary); a name that exists but a type other than A -> NOERROR,
    empty answer.
 2. Every A record carries the TTL `ttl` gives for the name, so resolvers cache answers and recovery after a
    fix is staggered by cached answers, as in the real 02:25-02:40 window.

@@ -1,7 +1,7 @@
 """The host manager (EC2's DropletWorkflow Manager): per-host leases kept through the lease store, their gradual
 expiry while the store is unreachable, and the recovery work queue that falls into congestive collapse.
 
-The AWS mechanism (research/aws-facts.md sections 1-2): DWFM keeps a lease on every droplet (physical host) and
+The AWS mechanism (docs/sources.md#aws-summary): DWFM keeps a lease on every droplet (physical host) and
 renews it every few minutes through a state check that depends on DynamoDB. With DynamoDB unresolvable from
 23:48, renewals failed and leases lapsed one by one over ~2.5 h; a host without a lease takes no new launches
 ("insufficient capacity") while its running instances carry on. When DynamoDB came back at 02:25, DWFM tried to

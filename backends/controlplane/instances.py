@@ -1,6 +1,6 @@
 """The instance lifecycle and an autoscaler: launches that need a host, an API token and network propagation.
 
-The AWS mechanism (research/aws-facts.md sections 1-2): launches failed with "insufficient capacity" while host
+The AWS mechanism (docs/sources.md#aws-summary): launches failed with "insufficient capacity" while host
 leases had lapsed, then with "request limit exceeded" under the deliberate throttles; the launches that got
 through queued their network configuration behind a backlog, and NLB brought them into service before that
 configuration had propagated. Autoscaling kept retrying, so the backlog grew while launches failed and

@@ -3,7 +3,7 @@
 Rules:
 1. Every call first awaits `resolve(name)` (the resolver caches answers by TTL on its own). An empty answer is
    outcome "unresolvable" and nothing is connected: this is how the AWS empty DynamoDB record stops the host
-   manager's renewals once cached answers expire (research/aws-facts.md section 2, steps 1-2).
+   manager's renewals once cached answers expire (docs/sources.md#aws-summary).
 2. Otherwise it connects to the first address, or a random one if an `rng` is given, on `port`, with a fresh
    connection per request (`force_close`): a kept-alive connection would outlive an emptied record.
 3. One deadline, `timeout_s` sim seconds (converted with `clock.to_wall`), covers resolving, connecting and the

@@ -1,7 +1,7 @@
 """The lease store (the DynamoDB of the AWS story): a pure lease table with admission and latency models, served
 as a JSON API over aiohttp on loopback.
 
-In the outage (research/aws-facts.md section 2, steps 2-3) the host manager's leases lived in DynamoDB: while it
+In the outage (docs/sources.md#aws-summary) the host manager's leases lived in DynamoDB: while it
 was unreachable renewals failed and leases expired one by one; when it came back, the whole fleet re-acquiring
 at once made every attempt slow enough to time out. Rules of this model:
 1. A lease is (value, version, expires_at). It is live while `now < expires_at`: at exactly `expires_at` it has

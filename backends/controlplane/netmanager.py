@@ -1,6 +1,6 @@
 """The network manager: a FIFO propagation queue of finite throughput that opens a new instance's network path.
 
-The AWS mechanism (research/aws-facts.md sections 1-2.5): after launches resumed at 05:28, Network Manager had
+The AWS mechanism (docs/sources.md#aws-summary): after launches resumed at 05:28, Network Manager had
 to push network configuration for every instance launched and terminated during the event; propagation
 latency rose and new instances ran for hours without network connectivity, while NLB already health-checked
 them, so their checks alternated between failing and passing.

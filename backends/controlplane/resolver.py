@@ -7,7 +7,7 @@ Rules:
 2. No negative caching: the server sends no SOA, so an empty answer (the empty record of the AWS race),
    NXDOMAIN, a timeout or an error returns [] and the next lookup asks the server again. Recovery after a fix
    is therefore staggered only by the positive answers clients still hold, as in the 02:25-02:40 window
-   (research/aws-facts.md section 1).
+   (docs/sources.md#aws-summary).
 3. Concurrent lookups of one name that miss the cache share one query (no thundering herd on the server).
 4. One query per miss over UDP (`dns.asyncquery.udp`), no retry and no TCP fallback: a truncated answer is an
    error. The timeout is in sim seconds and converted to wall time by the clock.
