@@ -9,7 +9,8 @@ Rules:
 3. A failing child (exit code other than 0 and 130) is reported with the tail of its stderr; the others go on.
 4. compare.json aggregates every numeric summary metric (mean, min, max over the runs that wrote a summary).
    Booleans (`complete`, `fidelity_ok`) count as 0/1, so a min of 0 says some run was not; None (a p99 of no
-   requests) is left out; strings and lists (`policy`, `policies`, `stages`) and `seed` are skipped.
+   requests) is left out; strings and lists (`policy`, `policies`, `stages`) and `seed` are skipped; a mapping of
+   counts (`withheld_by_reason`) is aggregated per key, as `withheld_by_reason.budget` and so on.
 5. Policies come as a spec (`naive`, `scenario+velocity`), a YAML file of policy entries (a scenario's
    `policy:` list, or one mapping), or `module.path:ClassName` -- the last imports and so runs user code, and
    only with `allow_import`.
@@ -169,14 +170,23 @@ def slugs(labels: Iterable[str]) -> dict[str, str]:
 # Aggregation and the "versus" sentences (pure)
 
 
+def _numbers(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """A summary's numeric metrics; a mapping of counts (`withheld_by_reason`) gives one per key (`KEY.NAME`)."""
+    out: list[tuple[str, float]] = []
+    for key, v in summary.items():
+        if isinstance(v, Mapping):
+            out += [(f"{key}.{k}", x) for k, x in _numbers(v)]
+        elif isinstance(v, bool) or (isinstance(v, int | float) and math.isfinite(v)):
+            out.append((key, float(v)))
+    return out
+
+
 def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean, min and max of every numeric metric over `summaries` (rule 4), in first-seen key order."""
     values: dict[str, list[float]] = {}
     for s in summaries:
-        for key, v in s.items():
-            if key in _NOT_METRICS:
-                continue
-            if isinstance(v, bool) or (isinstance(v, int | float) and math.isfinite(v)):
+        for key, v in _numbers(s):
+            if key not in _NOT_METRICS:
                 values.setdefault(key, []).append(float(v))
     return {k: {"mean": sum(vs) / len(vs), "min": min(vs), "max": max(vs)} for k, vs in values.items()}
 

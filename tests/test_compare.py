@@ -228,12 +228,14 @@ def test_slugs_are_distinct_and_safe() -> None:
 def test_aggregate_takes_numbers_and_booleans_and_skips_the_rest() -> None:
     runs = [
         {"scenario": "x", "seed": 1, "availability": 0.9, "flaps": 2, "complete": True, "latency_p99_s": None,
-         "stages": [{"name": "a"}], "policies": ["naive"]},
+         "stages": [{"name": "a"}], "policies": ["naive"], "withheld_by_reason": {"budget": 3, "floor": 0}},
         {"scenario": "x", "seed": 2, "availability": 0.7, "flaps": 4, "complete": False, "latency_p99_s": 0.5,
-         "stages": [], "policies": ["naive"]},
+         "stages": [], "policies": ["naive"], "withheld_by_reason": {"budget": 1, "floor": 0}},
     ]
     agg = aggregate(runs)
-    assert set(agg) == {"availability", "flaps", "complete", "latency_p99_s"}
+    assert set(agg) == {"availability", "flaps", "complete", "latency_p99_s", "withheld_by_reason.budget",
+                        "withheld_by_reason.floor"}
+    assert agg["withheld_by_reason.budget"] == {"mean": 2.0, "min": 1.0, "max": 3.0}
     assert agg["availability"] == pytest.approx({"mean": 0.8, "min": 0.7, "max": 0.9})
     assert agg["flaps"] == {"mean": 3.0, "min": 2.0, "max": 4.0}
     assert agg["complete"] == {"mean": 0.5, "min": 0.0, "max": 1.0}
