@@ -286,6 +286,15 @@ class HostManagerSpec(_Model):
     # items are dropped and counted (lbsim_host_recovery_dropped_total).
     hard_cap: Annotated[Whole, Field(ge=1)] = 100_000
 
+    @model_validator(mode="after")
+    def _leases_outlive_renewals(self) -> HostManagerSpec:
+        # Otherwise the shortest leases lapse between two successful renewals (HostManagerConfig refuses it).
+        shortest = self.lease_ttl_s * (1.0 - self.ttl_spread)
+        if shortest <= self.renew_interval_s:
+            raise ValueError(f"lease_ttl_s * (1 - ttl_spread) = {shortest:g} must exceed renew_interval_s = "
+                             f"{self.renew_interval_s:g}, or the shortest leases lapse between two renewals")
+        return self
+
 
 class NetworkManagerSpec(_Model):
     rate_per_s: Annotated[PerSecond, Field(gt=0)] = 2.0
