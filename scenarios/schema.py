@@ -19,7 +19,6 @@ Invalid YAML is reported as `FILE:LINE:COL: ...`; every other problem as one lin
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import types
 from collections.abc import Callable, Hashable
@@ -28,10 +27,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from backends.controlplane.netmanager import NetworkManagerConfig
+from backends.config import ConfigModel, Flag, Fraction, Number, PerSecond, Seconds, Speed, Whole
+from backends.controlplane.dnsservice import DnsSettings, EnactorNames
+from backends.controlplane.hostmanager import HostManagerSettings
+from backends.controlplane.instances import InstanceSettings
+from backends.controlplane.leasestore import LeaseStoreSettings
+from backends.controlplane.netmanager import NetworkManagerSettings
 from backends.netpath import PathConfig
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
@@ -68,55 +72,6 @@ class ScenarioError(ValueError):
 
 # -- numbers and flags (rule 1) ----------------------------------------------------------------------------------
 
-_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-
-
-def _numeric(what: str, example: str, bad: str) -> BeforeValidator:
-    """A check that lets only real numbers through to pydantic's own (which would parse strings and bools)."""
-
-    def check(v: Any) -> Any:
-        if isinstance(v, bool):
-            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, not true/false"})
-        if isinstance(v, str):
-            hint = ""
-            if _EXPONENT.fullmatch(v.strip()):
-                # PyYAML only reads exponents with a dot and a sign (1.0e+3) as numbers; 1e3 arrives as text.
-                hint = f" (YAML reads {v} as text: write {float(v):.10g} or 1.0e+3 style with a dot and a sign)"
-            elif v.strip() and _is_number(v):
-                hint = " (remove the quotes)"
-            msg = f"must be {what}, e.g. {example}; strings like {bad!r} are not accepted{hint}"
-            raise PydanticCustomError("number_type", "{m}", {"m": msg})
-        if isinstance(v, float) and not math.isfinite(v):
-            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, and finite"})
-        return v
-
-    return BeforeValidator(check)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _flag_check(v: Any) -> Any:
-    if not isinstance(v, bool):
-        raise PydanticCustomError("bool_type", "{m}", {"m": "must be true or false"})
-    return v
-
-
-Seconds = Annotated[float, _numeric("a number of sim seconds", "10 or 0.5", "10s")]
-WholeSeconds = Annotated[int, _numeric("a whole number of sim seconds", "5", "5s")]
-PerSecond = Annotated[float, _numeric("a number per sim second", "20 or 0.5", "20/s")]
-Fraction = Annotated[float, _numeric("a fraction from 0 to 1", "0.4", "40%")]
-Number = Annotated[float, _numeric("a number", "2 or 0.5", "2x")]
-Speed = Annotated[float, _numeric("a number of sim seconds per wall second", "10", "10x")]
-Whole = Annotated[int, _numeric("a whole number", "3", "3")]
-Flag = Annotated[bool, BeforeValidator(_flag_check)]
-
-
 _THRESHOLD_SCHEMA: dict[str, Any] = {"minimum": THRESHOLD_RANGE[0], "maximum": THRESHOLD_RANGE[1]}
 
 
@@ -128,8 +83,8 @@ def _threshold(v: int) -> int:
     return v
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+# The base of every spec: the same as the components' own configs, which the control plane's specs are.
+_Model = ConfigModel
 
 
 class HealthCheckSpec(_Model):
@@ -242,84 +197,19 @@ class PolicyParam(_Model):
     value: Any
 
 
-class DnsProtectionsSpec(_Model):
-    """The three DNS-plan protections (research/aws-facts.md 3); all off reproduces the 2025-10-20 race."""
-
-    cas: Flag = False
-    keep_active: Flag = False
-    guard: Flag = False
-    min_fraction: Annotated[Fraction, Field(ge=0, le=1)] = 0.5
+class DnsSpec(DnsSettings):
+    # Default: one per zone, as AWS runs one per AZ.
+    enactors: EnactorNames | None = None
 
 
-class DnsSpec(_Model):
-    planner_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
-    enactors: list[str] | None = None  # default: one per zone, as AWS runs one per AZ
-    apply_time_s: Annotated[Seconds, Field(ge=0)] = 0.5
-    retry_s: Annotated[Seconds, Field(gt=0)] = 1.0
-    enactor_poll_s: Annotated[Seconds, Field(gt=0)] = 1.0
-    keep_generations: Annotated[Whole, Field(ge=0, le=1000)] = 3
-    ttl_s: Annotated[WholeSeconds, Field(ge=0, le=86400)] = 5  # of the lease store's record; sim seconds
-    protections: DnsProtectionsSpec = DnsProtectionsSpec()
+# The components' own settings, with their own rules (lease TTLs outlive renewals, a partial window's flap fits a
+# path, ...), are the specs: a file is checked by the rules the component enforces when it is built.
+LeaseStoreSpec = LeaseStoreSettings
+HostManagerSpec = HostManagerSettings
+NetworkManagerSpec = NetworkManagerSettings
 
 
-class LeaseStoreSpec(_Model):
-    capacity_per_s: Annotated[PerSecond, Field(gt=0)] = 200.0
-    base_latency_s: Annotated[Seconds, Field(ge=0)] = 0.005
-    load_latency_factor: Annotated[Number, Field(ge=0)] = 4.0
-
-
-class HostManagerSpec(_Model):
-    hosts: Annotated[Whole, Field(ge=1, le=5000)] = 60
-    lease_ttl_s: Annotated[Seconds, Field(gt=0)] = 300.0
-    renew_interval_s: Annotated[Seconds, Field(gt=0)] = 60.0
-    ttl_spread: Annotated[Fraction, Field(ge=0, lt=1)] = 0.5
-    renew_concurrency: Annotated[Whole, Field(ge=1, le=1000)] = 16
-    workers: Annotated[Whole, Field(ge=1, le=1000)] = 4
-    item_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
-    base_service_s: Annotated[Seconds, Field(ge=0)] = 1.0
-    per_depth_s: Annotated[Seconds, Field(ge=0)] = 0.5
-    max_depth: Annotated[Whole, Field(ge=1)] | None = None
-    throttle_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    retry_s: Annotated[Seconds, Field(gt=0)] = 5.0
-    slots_per_host: Annotated[Whole, Field(ge=1, le=1000)] = 4
-    # A memory bound on the recovery queue, not the modelled admission control (`max_depth`): beyond it new
-    # items are dropped and counted (lbsim_host_recovery_dropped_total).
-    hard_cap: Annotated[Whole, Field(ge=1)] = 100_000
-
-    @model_validator(mode="after")
-    def _leases_outlive_renewals(self) -> HostManagerSpec:
-        # Otherwise the shortest leases lapse between two successful renewals (HostManagerConfig refuses it).
-        shortest = self.lease_ttl_s * (1.0 - self.ttl_spread)
-        if shortest <= self.renew_interval_s:
-            raise ValueError(f"lease_ttl_s * (1 - ttl_spread) = {shortest:g} must exceed renew_interval_s = "
-                             f"{self.renew_interval_s:g}, or the shortest leases lapse between two renewals")
-        return self
-
-
-class NetworkManagerSpec(_Model):
-    rate_per_s: Annotated[PerSecond, Field(gt=0)] = 2.0
-    max_depth: Annotated[Whole, Field(ge=1)] | None = None
-    partial_s: Annotated[Seconds, Field(ge=0)] = 0.0
-    partial_loss: Annotated[Fraction, Field(ge=0, le=1)] = 0.4
-    # 0: partial paths lose each connection with probability partial_loss; > 0: they are up or down for whole
-    # slots of this many sim seconds, the same pattern in every run of a seed at every speed (NetPath `period_s`).
-    partial_period_s: Annotated[Seconds, Field(ge=0)] = 0.0
-    # A memory bound on the backlog, not the modelled admission control (`max_depth`): beyond it new items are
-    # dropped and counted (lbsim_netmanager_dropped_total).
-    hard_cap: Annotated[Whole, Field(ge=1)] = 100_000
-
-
-    @model_validator(mode="after")
-    def _flap_fits_a_path(self) -> NetworkManagerSpec:
-        # The flap a partial window applies, checked by the path's own rules (as for a timeline's path change).
-        NetworkManagerConfig(partial_loss=self.partial_loss, partial_period_s=self.partial_period_s)
-        return self
-
-class InstancesSpec(_Model):
-    launch_time_s: Annotated[Seconds, Field(ge=0)] = 2.0
-    launch_rate_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    autoscale_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
-    max_launch_per_tick: Annotated[Whole, Field(ge=0, le=1000)] = 5
+class InstancesSpec(InstanceSettings):
     desired_per_zone: Annotated[Whole, Field(ge=0, le=500)] | None = None  # default: targets_per_zone
 
 
@@ -631,10 +521,6 @@ class Scenario(_Model):
                 why = event_conflict(a, b)
                 if why is not None:
                     problems.append((("timeline", j), f"timeline[{i}] and timeline[{j}] happen at {a.at:g} and {why}"))
-        if self.control_plane is not None and self.control_plane.dns.enactors is not None:
-            names = self.control_plane.dns.enactors
-            if not names or len(set(names)) != len(names):
-                problems.append((("control_plane", "dns", "enactors"), "must be a non-empty list of unique names"))
         if self.targets_per_zone == 0 and self.control_plane is None \
                 and not any(ev.register_ is not None for ev in self.timeline):
             problems.append((("targets_per_zone",), "the scenario has no targets: targets_per_zone is 0, no timeline "

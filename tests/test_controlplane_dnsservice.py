@@ -164,7 +164,7 @@ def test_planner_and_enactors_keep_every_record_served_as_generations_advance(lo
             assert len(applied) >= 2  # staggered enactors, more than one at work
             await wait_for(lambda: service.plans_deleted >= 2)  # clean-ups run
             assert "emptied" not in recorder.kinds()
-            assert await query(service, "DDB.CP.LBSIM.") == (dns.rcode.NOERROR, ["10.0.0.1", "10.0.0.2"], 60)
+            assert await query(service, "DDB.CP.LBSIM.") == (dns.rcode.NOERROR, ["10.0.0.1", "10.0.0.2"], CONFIG.ttl_s)
             assert await query(service, LB_NAME) == (dns.rcode.NOERROR, ["10.9.0.1", "10.9.0.2"], 7)
             assert (await query(service, "nope.cp.lbsim"))[0] == dns.rcode.NXDOMAIN
 

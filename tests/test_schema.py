@@ -57,7 +57,7 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: explode}}]\n",
          "timeline.0.control", "must be one of ['delay-enactor'"),
         ("name: x\ncontrol_plane: {network_manager: {rate_per_s: -2}}\n", "control_plane.network_manager.rate_per_s",
-         "greater than 0"),
+         "greater than or equal to 0"),  # 0 is a stalled network manager
         ("name: x\ncontrol_plane: {network_manager: {hard_cap: 0}}\n", "control_plane.network_manager.hard_cap",
          "greater than or equal to 1"),
         ("name: x\ncontrol_plane: {host_manager: {hard_cap: 0}}\n", "control_plane.host_manager.hard_cap",

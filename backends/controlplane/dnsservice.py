@@ -33,12 +33,14 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from pydantic import AfterValidator, Field
 
+from backends.config import ConfigModel, Seconds, Whole, WholeSeconds
 from backends.controlplane.clock import SimClock
 from backends.controlplane.dnsplan import (
     Enactor,
@@ -59,32 +61,33 @@ log = logging.getLogger(__name__)
 EventHook = Callable[[str, dict[str, Any]], None]
 
 
-@dataclass(frozen=True, slots=True)
-class DnsServiceConfig:
-    """Timing and policy of the DNS automation; every duration in sim seconds."""
+class DnsSettings(ConfigModel):
+    """The DNS automation's timing and protections (a scenario's `control_plane.dns`), in sim seconds."""
+
+    planner_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
+    apply_time_s: Annotated[Seconds, Field(ge=0)] = 0.5  # per endpoint write
+    retry_s: Annotated[Seconds, Field(gt=0)] = 1.0  # wait after a failed attempt
+    enactor_poll_s: Annotated[Seconds, Field(gt=0)] = 1.0  # how often an idle enactor looks for a newer plan
+    keep_generations: Annotated[Whole, Field(ge=0, le=1000)] = 3
+    ttl_s: Annotated[WholeSeconds, Field(ge=0, le=86400)] = 5  # of every endpoint's record
+    protections: Protections = Protections()
+
+
+def _distinct(names: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(names)) != len(names):
+        raise ValueError(f"enactor names must be distinct, got {list(names)}")
+    return names
+
+
+# One per zone, as AWS runs one per AZ.
+EnactorNames = Annotated[tuple[str, ...], Field(min_length=1), AfterValidator(_distinct)]
+
+
+class DnsServiceConfig(DnsSettings):
+    """The settings, the zone and the enactors' names."""
 
     zone_suffix: str = "cp.lbsim"
-    planner_interval_s: float = 5.0
-    enactors: tuple[str, ...] = ("a", "b", "c")  # one per zone
-    apply_time_s: float = 0.5  # per endpoint write
-    retry_s: float = 1.0  # wait after a failed attempt
-    enactor_poll_s: float = 1.0  # how often an idle enactor looks for a newer plan
-    keep_generations: int = 3
-    ttl_s: int = 60
-    protections: Protections = field(default_factory=Protections)
-
-    def __post_init__(self) -> None:
-        for name in ("planner_interval_s", "retry_s", "enactor_poll_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.apply_time_s < 0:
-            raise ValueError(f"apply_time_s must be >= 0, got {self.apply_time_s}")
-        if self.keep_generations < 0:
-            raise ValueError(f"keep_generations must be >= 0, got {self.keep_generations}")
-        if self.ttl_s < 0:
-            raise ValueError(f"ttl_s must be >= 0, got {self.ttl_s}")
-        if not self.enactors or len(set(self.enactors)) != len(self.enactors):
-            raise ValueError(f"enactors must be distinct and at least one, got {self.enactors}")
+    enactors: EnactorNames = ("a", "b", "c")
 
     def fqdn(self, label: str) -> str:
         """The name of an endpoint in the zone: fqdn("leasestore") -> "leasestore.cp.lbsim"."""

@@ -37,12 +37,14 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import Field
 
+from backends.config import ConfigModel, Number, PerSecond, Seconds, Whole
 from backends.controlplane.clock import SimClock
 from backends.controlplane.netmanager import NetworkManager
 from backends.fleet import Targets, UnknownTarget
@@ -214,27 +216,21 @@ class LaunchResult:
     instance_id: str | None = None  # None when nothing was created
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceConfig:
-    """Instance fleet settings, in sim seconds."""
+class InstanceSettings(ConfigModel):
+    """The instance fleet's tunables (a scenario's `control_plane.instances`), in sim seconds."""
 
-    launch_time_s: float = 2.0
-    launch_rate_per_s: float | None = None  # the API throttle; None = unthrottled
-    launch_burst: float | None = None  # None: one second's worth of launch_rate_per_s, at least 1
-    autoscale_interval_s: float = 5.0
-    max_launch_per_tick: int = 5
-    max_terminated: int = 10_000  # terminated records kept (rule 5)
+    launch_time_s: Annotated[Seconds, Field(ge=0)] = 2.0
+    launch_rate_per_s: Annotated[PerSecond, Field(gt=0)] | None = None  # the API throttle; None = unthrottled
+    autoscale_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
+    max_launch_per_tick: Annotated[Whole, Field(ge=0, le=1000)] = 5
 
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.launch_time_s) and self.launch_time_s >= 0):
-            raise ValueError(f"launch_time_s must be a finite number >= 0, got {self.launch_time_s}")
-        if not (math.isfinite(self.autoscale_interval_s) and self.autoscale_interval_s > 0):
-            raise ValueError(f"autoscale_interval_s must be a finite number > 0, got {self.autoscale_interval_s}")
-        if self.max_launch_per_tick < 0:
-            raise ValueError(f"max_launch_per_tick must be >= 0, got {self.max_launch_per_tick}")
-        if self.max_terminated < 1:
-            raise ValueError(f"max_terminated must be >= 1, got {self.max_terminated}")
-        LaunchThrottle(self.launch_rate_per_s, self.launch_burst)  # validates both
+
+class InstanceConfig(InstanceSettings):
+    """The settings, the throttle's burst and a memory bound."""
+
+    # None: one second's worth of launch_rate_per_s, at least 1 (a smaller bucket never holds a whole token)
+    launch_burst: Annotated[Number, Field(ge=1)] | None = None
+    max_terminated: Annotated[Whole, Field(ge=1)] = 10_000  # terminated records kept (rule 5)
 
 
 @dataclass(frozen=True, slots=True)

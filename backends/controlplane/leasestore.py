@@ -34,14 +34,16 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import Field
 
 from backends._sockets import BACKLOG, HOST
+from backends.config import ConfigModel, Number, PerSecond, Seconds
 from backends.controlplane.clock import SimClock
 
 # Keys travel in URL paths: a plain charset needs no quoting on either side.
@@ -70,6 +72,15 @@ def _expected(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected_version must be null or an integer >= 0, got {value!r}")
     return value
+
+
+class LeaseStoreSettings(ConfigModel):
+    """The lease store's service model (a scenario's `control_plane.lease_store`); keyword arguments of
+    `LeaseStoreServer`."""
+
+    capacity_per_s: Annotated[PerSecond, Field(gt=0)] = 200.0
+    base_latency_s: Annotated[Seconds, Field(ge=0)] = 0.005
+    load_latency_factor: Annotated[Number, Field(ge=0)] = 4.0
 
 
 # -- pure core

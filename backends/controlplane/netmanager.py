@@ -35,11 +35,14 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated, Self
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import Field, model_validator
 
+from backends.config import ConfigModel, Fraction, PerSecond, Seconds, Whole
 from backends.controlplane.clock import SimClock
 from backends.netpath import PathConfig
 
@@ -210,20 +213,19 @@ class PropagationQueue:
 Apply = Callable[[str, str, dict[str, float]], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkManagerConfig:
-    """Network manager settings, in sim seconds."""
+class NetworkManagerSettings(ConfigModel):
+    """The network manager's tunables (a scenario's `control_plane.network_manager`), in sim seconds."""
 
-    rate_per_s: float = 2.0
-    max_depth: int | None = None
-    partial_s: float = 0.0
-    partial_loss: float = 0.4  # the `flap` loss during a partial window; >= 0.5 makes the target not serve
-    # The `flap` slot during a partial window (NetPath `period_s`): 0 = loss per connection, > 0 = the path is
-    # up or down for whole slots of this many sim seconds, a pattern fixed by the seed and sim time.
-    partial_period_s: float = 0.0
-    tick_s: float = 0.25
-    backlog_threshold: int = 1  # depth at which a backlog "starts"; it "clears" when the queue is empty
-    hard_cap: int = DEFAULT_HARD_CAP  # items beyond it are dropped: a memory bound, not admission control
+    rate_per_s: Annotated[PerSecond, Field(ge=0)] = 2.0  # 0: nothing propagates (a stalled manager)
+    max_depth: Annotated[Whole, Field(ge=1)] | None = None
+    partial_s: Annotated[Seconds, Field(ge=0)] = 0.0
+    partial_loss: Annotated[Fraction, Field(ge=0, le=1)] = 0.4  # a partial window's `flap` loss; >= 0.5: no serving
+    # 0: partial paths lose each connection with probability partial_loss; > 0: they are up or down for whole
+    # slots of this many sim seconds, the same pattern in every run of a seed at every speed (NetPath `period_s`).
+    partial_period_s: Annotated[Seconds, Field(ge=0)] = 0.0
+    # A memory bound on the backlog, not the modelled admission control (`max_depth`): beyond it new items are
+    # dropped and counted (lbsim_netmanager_dropped_total).
+    hard_cap: Annotated[Whole, Field(ge=1)] = DEFAULT_HARD_CAP
 
     def partial_flap(self) -> dict[str, float]:
         """The `flap` parameters a path gets during its partial window."""
@@ -231,20 +233,21 @@ class NetworkManagerConfig:
             return {"loss": self.partial_loss, "period_s": self.partial_period_s}
         return {"loss": self.partial_loss}
 
-    def __post_init__(self) -> None:
-        _check_rate(self.rate_per_s)
-        _check_depth(self.max_depth)
-        _check_hard_cap(self.hard_cap)
-        if not (math.isfinite(self.partial_s) and self.partial_s >= 0):
-            raise ValueError(f"partial_s must be a finite number >= 0, got {self.partial_s}")
+    @model_validator(mode="after")
+    def _flap_fits_a_path(self) -> Self:
+        # The path's own rules, so a bad flap fails here rather than mid-run when a partial window opens.
         try:
-            PathConfig.parse("flap", self.partial_flap())  # the path's own rules, so a bad one fails here, not mid-run
+            PathConfig.parse("flap", self.partial_flap())
         except ValueError as exc:
             raise ValueError(f"partial_loss / partial_period_s: {exc}") from None
-        if not (math.isfinite(self.tick_s) and self.tick_s > 0):
-            raise ValueError(f"tick_s must be a finite number > 0, got {self.tick_s}")
-        if self.backlog_threshold < 1:
-            raise ValueError(f"backlog_threshold must be >= 1, got {self.backlog_threshold}")
+        return self
+
+
+class NetworkManagerConfig(NetworkManagerSettings):
+    """The settings, and how the shell ticks and reports."""
+
+    tick_s: Annotated[Seconds, Field(gt=0)] = 0.25
+    backlog_threshold: Annotated[Whole, Field(ge=1)] = 1  # depth at which a backlog "starts"; it "clears" at 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,79 @@
+"""Pydantic building blocks of every component's configuration: strict numbers with messages fit for a user.
+
+The component configs of `backends/` are pydantic models built from these, holding their own constraints, and
+the scenario schema uses those models as its specs, so each rule is written once and a scenario file is checked
+by the same rules the component enforces when it is built.
+
+Numbers: plain numbers only. Strings (`"10"`, `"10s"`) and booleans are refused wherever a number is expected
+(pydantic's own coercion would parse them), and so are infinities and NaN; ints are accepted where floats are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic_core import PydanticCustomError
+
+_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def numeric(what: str, example: str, bad: str) -> BeforeValidator:
+    """A check that lets only real numbers through to pydantic's own (which would parse strings and bools)."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, bool):
+            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, not true/false"})
+        if isinstance(v, str):
+            hint = ""
+            if _EXPONENT.fullmatch(v.strip()):
+                # PyYAML only reads exponents with a dot and a sign (1.0e+3) as numbers; 1e3 arrives as text.
+                hint = f" (YAML reads {v} as text: write {float(v):.10g} or 1.0e+3 style with a dot and a sign)"
+            elif v.strip() and _is_number(v):
+                hint = " (remove the quotes)"
+            msg = f"must be {what}, e.g. {example}; strings like {bad!r} are not accepted{hint}"
+            raise PydanticCustomError("number_type", "{m}", {"m": msg})
+        if isinstance(v, float) and not math.isfinite(v):
+            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, and finite"})
+        return v
+
+    return BeforeValidator(check)
+
+
+def _flag_check(v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise PydanticCustomError("bool_type", "{m}", {"m": "must be true or false"})
+    return v
+
+
+Seconds = Annotated[float, numeric("a number of sim seconds", "10 or 0.5", "10s")]
+WholeSeconds = Annotated[int, numeric("a whole number of sim seconds", "5", "5s")]
+PerSecond = Annotated[float, numeric("a number per sim second", "20 or 0.5", "20/s")]
+Fraction = Annotated[float, numeric("a fraction from 0 to 1", "0.4", "40%")]
+Number = Annotated[float, numeric("a number", "2 or 0.5", "2x")]
+Speed = Annotated[float, numeric("a number of sim seconds per wall second", "10", "10x")]
+Whole = Annotated[int, numeric("a whole number", "3", "3")]
+Flag = Annotated[bool, BeforeValidator(_flag_check)]
+
+
+class ConfigModel(BaseModel):
+    """A configuration: unknown fields refused, immutable once built; fields set by name or alias."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def from_settings(cls, settings: BaseModel, **extra: Any) -> Self:
+        """This config from the fields it shares with `settings` (e.g. the tunables a scenario gave, which are
+        a base class of this config), with `extra` for the rest; other fields of `settings` are left out."""
+        shared = {name: getattr(settings, name) for name in cls.model_fields if name in type(settings).model_fields}
+        return cls(**(shared | extra))
