@@ -15,7 +15,8 @@ import re
 from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import DEFAULT_REF_TEMPLATE, GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 _EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -66,10 +67,38 @@ Whole = Annotated[int, numeric("a whole number", "3", "3")]
 Flag = Annotated[bool, BeforeValidator(_flag_check)]
 
 
+class _JsonSchema(GenerateJsonSchema):
+    """Pydantic's JSON Schema, with the bounds of the numbers above as JSON Schema spells them.
+
+    A bound on a number with a before-validator is checked after it, and pydantic then writes it under its own
+    name (`gt: 0`), which JSON Schema tools ignore; this writes `exclusiveMinimum: 0` instead."""
+
+    _NAMES = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+
+    def generate_inner(self, schema: CoreSchema) -> JsonSchemaValue:
+        out = super().generate_inner(schema)
+        if out.get("type") in ("number", "integer"):
+            for ours, theirs in self._NAMES.items():
+                if ours in out:
+                    out[theirs] = out.pop(ours)
+        return out
+
+
 class ConfigModel(BaseModel):
     """A configuration: unknown fields refused, immutable once built; fields set by name or alias."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def model_json_schema(
+        cls,
+        by_alias: bool = True,
+        ref_template: str = DEFAULT_REF_TEMPLATE,
+        schema_generator: type[GenerateJsonSchema] = _JsonSchema,
+        mode: JsonSchemaMode = "validation",
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        return super().model_json_schema(by_alias, ref_template, schema_generator, mode, **kwargs)
 
     @classmethod
     def from_settings(cls, settings: BaseModel, **extra: Any) -> Self:
