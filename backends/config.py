@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Self
+from collections.abc import Mapping
+from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import DEFAULT_REF_TEMPLATE, GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
+
+M = TypeVar("M", bound=BaseModel)
 
 _EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -65,6 +68,16 @@ Number = Annotated[float, numeric("a number", "2 or 0.5", "2x")]
 Speed = Annotated[float, numeric("a number of sim seconds per wall second", "10", "10x")]
 Whole = Annotated[int, numeric("a whole number", "3", "3")]
 Flag = Annotated[bool, BeforeValidator(_flag_check)]
+PositiveSpeed = Annotated[Speed, Field(gt=0)]
+_SPEED: TypeAdapter[float] = TypeAdapter(PositiveSpeed)
+
+
+def check_speed(value: object) -> float:
+    """A speed (sim seconds per wall second): a finite number > 0, else ValueError."""
+    try:
+        return _SPEED.validate_python(value)
+    except ValidationError as e:
+        raise ValueError(f"speed {describe(e)}") from None
 
 
 class _JsonSchema(GenerateJsonSchema):
@@ -106,3 +119,22 @@ class ConfigModel(BaseModel):
         a base class of this config), with `extra` for the rest; other fields of `settings` are left out."""
         shared = {name: getattr(settings, name) for name in cls.model_fields if name in type(settings).model_fields}
         return cls(**(shared | extra))
+
+
+def describe(err: ValidationError) -> str:
+    """A validation error on one line, for an API's answer or an exception: `field: problem; field: problem`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ").replace("Input should be", "must be", 1)
+        parts.append(f"{loc}: {msg} (got {e['input']!r})" if loc else msg)
+    return "; ".join(parts)
+
+
+def validated(model: type[M], data: Mapping[str, object]) -> M:
+    """`model` built from `data`, or ValueError with `describe`'s one line (a ValidationError's text spans
+    several lines and names the model class, which means nothing to the caller)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(describe(e)) from None

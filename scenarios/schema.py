@@ -14,6 +14,10 @@ Rules of the format, each enforced at load time so a mistake is reported before 
    loaded; `module:Class` paths belong to `lbsim compare --allow-import`, and the term `scenario` to `--policy`.
 6. A scenario has targets: some per zone, a `register` event, or a control plane that launches them.
 Invalid YAML is reported as `FILE:LINE:COL: ...`; every other problem as one line naming its field.
+
+Each rule is written once: the number types are `backends.config`'s, and a path change, a backend change and the
+`control_plane` sections are the components' own configuration models (PathParams, ModeChange, the settings of
+each control-plane component), so a file is refused for exactly what the component would refuse when built.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from backends.app import ModeChange
 from backends.config import ConfigModel, Flag, Fraction, Number, PerSecond, Seconds, Speed, Whole
 from backends.controlplane.dnsservice import DnsSettings, EnactorNames
 from backends.controlplane.hostmanager import HostManagerSettings
 from backends.controlplane.instances import InstanceSettings
 from backends.controlplane.leasestore import LeaseStoreSettings
 from backends.controlplane.netmanager import NetworkManagerSettings
-from backends.netpath import PathConfig
+from backends.netpath import PathParams
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
     AWS_DEFAULT_INTERVAL_S,
@@ -59,7 +64,6 @@ from lb.policies import (
 from lb.policy import Policy
 
 PathStateName = Literal["open", "blackhole", "refuse", "reset", "latency", "flap", "loss", "bandwidth"]
-BackendModeName = Literal["healthy", "unhealthy", "slow", "hang", "crash"]
 
 THRESHOLD_RANGE = (1, 10)
 # The error type of the checks that need the whole scenario; their message already says what was given.
@@ -151,36 +155,25 @@ class TrafficSpec(_Model):
     max_outstanding: Annotated[Whole, Field(ge=1, le=10000)] = 500
 
 
-class PathChange(_Model):
+class PathChange(PathParams):
+    """A path state and its parameters, by the path's own rules (PathParams)."""
+
     state: PathStateName
     cut_existing: Flag = False
-    latency_s: Annotated[Seconds, Field(ge=0)] | None = None
-    jitter_s: Annotated[Seconds, Field(ge=0)] | None = None
-    loss: Annotated[Fraction, Field(ge=0, le=1)] | None = None
-    period_s: Annotated[Seconds, Field(ge=0)] | None = None  # flap: 0 per connection, > 0 per slot of sim time
-    rate_bytes_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
 
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if k not in ("state", "cut_existing") and v is not None}
+    def params(self) -> dict[str, float]:
+        return self.given()
 
     @model_validator(mode="after")
     def _fits_state(self) -> PathChange:
-        # The path's own check, on load: a parameter the state does not take (or a missing one) would otherwise
-        # only fail when the event fires, mid-run.
-        PathConfig.parse(self.state, self.params())
+        # On load: a parameter the state does not take (or a missing one) would otherwise only fail when the
+        # event fires, mid-run.
+        self.fit(self.state)
         return self
 
 
-class BackendChange(_Model):
-    mode: BackendModeName
-    status: Annotated[Whole, Field(ge=200, le=599)] | None = None
-    latency_s: Annotated[Seconds, Field(ge=0)] | None = None
-    error_rate: Annotated[Fraction, Field(ge=0, le=1)] | None = None
-    capacity_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    deep_ok: Flag | None = None  # what /health/deep says of the backend's dependency
-
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if k != "mode" and v is not None}
+# A backend's mode and its parameters, by the backend's own rules (`slow` needs latency_s, ...).
+BackendChange = ModeChange
 
 
 class Register(_Model):

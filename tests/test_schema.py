@@ -63,6 +63,11 @@ def write(tmp_path: Path, text: str) -> str:
          "timeline.0.control", "must be one of ['delay-enactor'"),
         ("name: x\ncontrol_plane: {network_manager: {rate_per_s: -2}}\n", "control_plane.network_manager.rate_per_s",
          "greater than or equal to 0"),  # 0 is a stalled network manager
+        ("name: x\ntimeline: [{at: 5, backend: {mode: slow}}]\n", "timeline.0.backend", "mode slow needs latency_s"),
+        ("name: x\ntimeline: [{at: 5, backend: {mode: hang, status: 500}}]\n", "timeline.0.backend",
+         "mode hang does not take status (it takes capacity_per_s, deep_ok, error_rate, work_latency_s)"),
+        ("name: x\ntimeline: [{at: 5, backend: {mode: slow, latency_s: -1}}]\n", "timeline.0.backend.latency_s",
+         "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {network_manager: {hard_cap: 0}}\n", "control_plane.network_manager.hard_cap",
          "greater than or equal to 1"),
         ("name: x\ncontrol_plane: {host_manager: {hard_cap: 0}}\n", "control_plane.host_manager.hard_cap",
@@ -103,7 +108,7 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\ncontrol_plane: {network_manager: {partial_period_s: -1}}\n",
          "control_plane.network_manager.partial_period_s", "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {network_manager: {partial_period_s: 0.0000001}}\n",
-         "control_plane.network_manager", "period_s must be 0 or at least 0.001 sim s"),
+         "control_plane.network_manager", "period_s: must be 0 or at least 0.001 sim s"),
         # a path parameter its state does not take, or one it needs, caught on load rather than mid-run
         ("name: x\ntimeline: [{at: 1, zone: a, path: {state: open, period_s: 2}}]\n", "timeline.0.path",
          "path state open does not take period_s (it takes no parameters)"),
