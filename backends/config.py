@@ -69,6 +69,8 @@ Speed = Annotated[float, numeric("a number of sim seconds per wall second", "10"
 Whole = Annotated[int, numeric("a whole number", "3", "3")]
 Flag = Annotated[bool, BeforeValidator(_flag_check)]
 PositiveSpeed = Annotated[Speed, Field(gt=0)]
+Rate = Annotated[PerSecond, Field(gt=0)]  # a throughput: a throttle, a capacity
+MaxDepth = Annotated[Whole, Field(ge=1)]  # a queue's admission control: offers beyond this depth are rejected
 _SPEED: TypeAdapter[float] = TypeAdapter(PositiveSpeed)
 
 

@@ -35,12 +35,12 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_v
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from backends.app import ModeChange
-from backends.config import ConfigModel, Flag, Fraction, Number, PerSecond, Seconds, Speed, Whole
+from backends.config import ConfigModel, Flag, Fraction, MaxDepth, Number, PerSecond, Rate, Seconds, Speed, Whole
 from backends.controlplane.dnsservice import DnsSettings, EnactorNames
 from backends.controlplane.hostmanager import HostManagerSettings
 from backends.controlplane.instances import InstanceSettings
 from backends.controlplane.leasestore import LeaseStoreSettings
-from backends.controlplane.netmanager import NetworkManagerSettings
+from backends.controlplane.netmanager import NetworkManagerSettings, PropagationRate
 from backends.netpath import PathParams
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
@@ -262,10 +262,11 @@ class ControlAction(_Model):
     writes: Annotated[Whole, Field(ge=1)] | None = None
     count: Annotated[Whole, Field(ge=0, le=10000)] | None = None
     zone: str | None = None
-    per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    rate_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    capacity_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    max_depth: Annotated[Whole, Field(ge=1)] | None = None
+    # The components' own rules for the values these actions set (`per_s`: host throttle and launch rate alike).
+    per_s: Rate | None = None  # a host-manager throttle or a launch rate
+    rate_per_s: PropagationRate | None = None
+    capacity_per_s: Rate | None = None
+    max_depth: MaxDepth | None = None
 
     @model_validator(mode="after")
     def _params_fit(self) -> ControlAction:

@@ -73,7 +73,7 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\ncontrol_plane: {host_manager: {hard_cap: 0}}\n", "control_plane.host_manager.hard_cap",
          "greater than or equal to 1"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: network_manager, action: set-rate, "
-         "rate_per_s: -1}}]\n", "timeline.0.control.rate_per_s", "greater than 0"),
+         "rate_per_s: -1}}]\n", "timeline.0.control.rate_per_s", "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: -5, control: {component: dns, action: restore}}]\n",
          "timeline.0.at", "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: delay-enactor, "
@@ -383,3 +383,15 @@ def test_checker_events_change_the_transition_cost_and_conflict_at_the_same_time
         with pytest.raises(ScenarioError) as ei:
             load_scenario(write(tmp_path, text))
         assert needle in str(ei.value), str(ei.value)
+
+
+def test_control_actions_set_values_by_the_components_own_rules(tmp_path: Path) -> None:
+    """An action may set what the component's settings allow, and no more: a stalled network manager (rate 0)
+    can be configured and set alike; a throttle must be positive, said once."""
+    sc = parse_scenario({**BASE, "control_plane": {"network_manager": {"rate_per_s": 0}}, "timeline": [
+        {"at": 1, "control": {"component": "network_manager", "action": "set-rate", "rate_per_s": 0}}]}, "f")
+    assert sc.timeline[0].control is not None and sc.timeline[0].control.params() == {"rate_per_s": 0}
+    with pytest.raises(ScenarioError) as ei:
+        parse_scenario({**BASE, "control_plane": {}, "timeline": [
+            {"at": 1, "control": {"component": "host_manager", "action": "throttle", "per_s": -1}}]}, "f")
+    assert str(ei.value).splitlines()[1:] == ["  timeline.0.control.per_s: must be greater than 0 (got -1)"]

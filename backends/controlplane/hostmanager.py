@@ -67,7 +67,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field, model_validator
 
-from backends.config import ConfigModel, Fraction, PerSecond, Seconds, Whole
+from backends.config import ConfigModel, Fraction, MaxDepth, Rate, Seconds, Whole
 from backends.controlplane.clock import SimClock
 
 log = logging.getLogger(__name__)
@@ -491,8 +491,8 @@ class HostManagerSettings(ConfigModel):
     item_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
     base_service_s: Annotated[Seconds, Field(ge=0)] = 1.0
     per_depth_s: Annotated[Seconds, Field(ge=0)] = 0.5
-    max_depth: Annotated[Whole, Field(ge=1)] | None = None
-    throttle_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
+    max_depth: MaxDepth | None = None
+    throttle_per_s: Rate | None = None
     retry_s: Annotated[Seconds, Field(gt=0)] = 5.0  # renewal retries, offers rejected for depth, failed acquires
     slots_per_host: Annotated[Whole, Field(ge=1, le=1000)] = 4
     # A memory bound on the recovery queue, not the modelled admission control (`max_depth`): beyond it new

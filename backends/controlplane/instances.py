@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field
 
-from backends.config import ConfigModel, Number, PerSecond, Seconds, Whole
+from backends.config import ConfigModel, Number, Rate, Seconds, Whole
 from backends.controlplane.clock import SimClock
 from backends.controlplane.netmanager import NetworkManager
 from backends.fleet import Targets, UnknownTarget
@@ -216,11 +216,13 @@ class LaunchResult:
     instance_id: str | None = None  # None when nothing was created
 
 
+
+
 class InstanceSettings(ConfigModel):
     """The instance fleet's tunables (a scenario's `control_plane.instances`), in sim seconds."""
 
     launch_time_s: Annotated[Seconds, Field(ge=0)] = 2.0
-    launch_rate_per_s: Annotated[PerSecond, Field(gt=0)] | None = None  # the API throttle; None = unthrottled
+    launch_rate_per_s: Rate | None = None  # the API throttle; None = unthrottled
     autoscale_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
     max_launch_per_tick: Annotated[Whole, Field(ge=0, le=1000)] = 5
 

@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector
 from pydantic import Field
 
 from backends._sockets import BACKLOG, HOST
-from backends.config import ConfigModel, Number, PerSecond, Seconds
+from backends.config import ConfigModel, Number, Rate, Seconds
 from backends.controlplane.clock import SimClock
 
 # Keys travel in URL paths: a plain charset needs no quoting on either side.
@@ -74,11 +74,13 @@ def _expected(value: object) -> int | None:
     return value
 
 
+
+
 class LeaseStoreSettings(ConfigModel):
     """The lease store's service model (a scenario's `control_plane.lease_store`); keyword arguments of
     `LeaseStoreServer`."""
 
-    capacity_per_s: Annotated[PerSecond, Field(gt=0)] = 200.0
+    capacity_per_s: Rate = 200.0
     base_latency_s: Annotated[Seconds, Field(ge=0)] = 0.005
     load_latency_factor: Annotated[Number, Field(ge=0)] = 4.0
 

@@ -42,7 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field, model_validator
 
-from backends.config import ConfigModel, Fraction, PerSecond, Seconds, Whole
+from backends.config import ConfigModel, Fraction, MaxDepth, PerSecond, Seconds, Whole
 from backends.controlplane.clock import SimClock
 from backends.netpath import PathConfig
 
@@ -213,11 +213,15 @@ class PropagationQueue:
 Apply = Callable[[str, str, dict[str, float]], Awaitable[None]]
 
 
+# Also the rule of `set_rate`, which operators use at run time; 0: nothing propagates (a stalled manager).
+PropagationRate = Annotated[PerSecond, Field(ge=0)]
+
+
 class NetworkManagerSettings(ConfigModel):
     """The network manager's tunables (a scenario's `control_plane.network_manager`), in sim seconds."""
 
-    rate_per_s: Annotated[PerSecond, Field(ge=0)] = 2.0  # 0: nothing propagates (a stalled manager)
-    max_depth: Annotated[Whole, Field(ge=1)] | None = None
+    rate_per_s: PropagationRate = 2.0
+    max_depth: MaxDepth | None = None
     partial_s: Annotated[Seconds, Field(ge=0)] = 0.0
     partial_loss: Annotated[Fraction, Field(ge=0, le=1)] = 0.4  # a partial window's `flap` loss; >= 0.5: no serving
     # 0: partial paths lose each connection with probability partial_loss; > 0: they are up or down for whole
