@@ -67,7 +67,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field, model_validator
 
-from backends.config import ConfigModel, Fraction, MaxDepth, Rate, Seconds, Whole
+from backends.config import ConfigModel, Fraction, MaxDepth, Rate, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
 
 log = logging.getLogger(__name__)
@@ -121,19 +121,10 @@ class Offer(StrEnum):
     DROPPED = "dropped"  # the hard cap (a safety bound, not the modelled admission control)
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _non_negative(name: str, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _check_hard_cap(hard_cap: int) -> None:
-    if hard_cap < 1:
-        raise ValueError(f"hard_cap must be >= 1, got {hard_cap}")
+def _check(**values: object) -> None:
+    """The settings' rules (HostManagerSettings) for values handed to a core object directly, not by a config;
+    ValueError names the field."""
+    validated(HostManagerSettings, values)
 
 
 def host_ids(hosts: int) -> list[str]:
@@ -153,20 +144,9 @@ class HostLeases:
         now: float = 0.0,
         retry_s: float | None = None,
     ) -> None:
-        if hosts < 1:
-            raise ValueError(f"hosts must be >= 1, got {hosts}")
-        _positive("lease_ttl_s", lease_ttl_s)
-        _positive("renew_interval_s", renew_interval_s)
-        if not 0.0 <= ttl_spread < 1.0:
-            raise ValueError(f"ttl_spread must lie within [0, 1), got {ttl_spread}")
-        if lease_ttl_s * (1.0 - ttl_spread) <= renew_interval_s:
-            # Otherwise the shortest leases lapse between two successful renewals.
-            raise ValueError(
-                f"lease_ttl_s * (1 - ttl_spread) = {lease_ttl_s * (1.0 - ttl_spread)} must exceed "
-                f"renew_interval_s = {renew_interval_s}"
-            )
         self.retry_s = renew_interval_s / 4.0 if retry_s is None else retry_s
-        _positive("retry_s", self.retry_s)
+        _check(hosts=hosts, lease_ttl_s=lease_ttl_s, renew_interval_s=renew_interval_s, ttl_spread=ttl_spread,
+               retry_s=self.retry_s)
         self.lease_ttl_s = lease_ttl_s
         self.renew_interval_s = renew_interval_s
         self.ttl_spread = ttl_spread
@@ -273,8 +253,7 @@ class Placement:
     """Where new instances launch: on leased hosts only, `slots_per_host` each (rule 3)."""
 
     def __init__(self, leases: HostLeases, slots_per_host: int) -> None:
-        if slots_per_host < 1:
-            raise ValueError(f"slots_per_host must be >= 1, got {slots_per_host}")
+        _check(slots_per_host=slots_per_host)
         self.leases = leases
         self.slots_per_host = slots_per_host
         self._host_of: dict[str, str] = {}
@@ -331,12 +310,8 @@ class RecoveryQueue:
         throttle_per_s: float | None = None,
         hard_cap: int = DEFAULT_HARD_CAP,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        _check_hard_cap(hard_cap)
-        _positive("item_timeout_s", item_timeout_s)
-        _non_negative("base_service_s", base_service_s)
-        _non_negative("per_depth_s", per_depth_s)
+        _check(workers=workers, item_timeout_s=item_timeout_s, base_service_s=base_service_s,
+               per_depth_s=per_depth_s, hard_cap=hard_cap)
         self.workers = workers
         self.item_timeout_s = item_timeout_s
         self.base_service_s = base_service_s
@@ -395,16 +370,14 @@ class RecoveryQueue:
 
     def set_throttle(self, per_s: float | None) -> None:
         """Limit intake to `per_s` items per sim-second (None: no limit); the bucket starts full."""
-        if per_s is not None:
-            _positive("throttle_per_s", per_s)
+        _check(throttle_per_s=per_s)
         self.throttle_per_s = per_s
         self._burst = max(1.0, per_s) if per_s is not None else 0.0
         self._tokens = self._burst
         self._refilled_at: float | None = None
 
     def set_max_depth(self, n: int | None) -> None:
-        if n is not None and n < 1:
-            raise ValueError(f"max_depth must be >= 1, got {n}")
+        _check(max_depth=n)
         self.max_depth = n
 
     # -- work
