@@ -42,7 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field, model_validator
 
-from backends.config import ConfigModel, Fraction, MaxDepth, PerSecond, Seconds, Whole
+from backends.config import ConfigModel, Fraction, MaxDepth, PerSecond, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
 from backends.netpath import PathConfig
 
@@ -85,22 +85,10 @@ class Processed:
         return self.at - self.item.enqueued_at
 
 
-def _check_rate(rate_per_s: float) -> float:
-    if not (math.isfinite(rate_per_s) and rate_per_s >= 0):
-        raise ValueError(f"rate_per_s must be a finite number >= 0, got {rate_per_s}")
-    return float(rate_per_s)
-
-
-def _check_hard_cap(hard_cap: int) -> int:
-    if hard_cap < 1:
-        raise ValueError(f"hard_cap must be >= 1, got {hard_cap}")
-    return hard_cap
-
-
-def _check_depth(max_depth: int | None) -> int | None:
-    if max_depth is not None and max_depth < 0:
-        raise ValueError(f"max_depth must be >= 0 or None, got {max_depth}")
-    return max_depth
+def _check(**values: object) -> None:
+    """The settings' rules (NetworkManagerSettings) for values handed to the core directly, not by a config;
+    ValueError names the field."""
+    validated(NetworkManagerSettings, values)
 
 
 class PropagationQueue:
@@ -113,11 +101,10 @@ class PropagationQueue:
         partial_s: float = 0.0,
         hard_cap: int = DEFAULT_HARD_CAP,
     ) -> None:
-        if not (math.isfinite(partial_s) and partial_s >= 0):
-            raise ValueError(f"partial_s must be a finite number >= 0, got {partial_s}")
-        self._rate = _check_rate(rate_per_s)
-        self._max_depth = _check_depth(max_depth)
-        self.hard_cap = _check_hard_cap(hard_cap)
+        _check(rate_per_s=rate_per_s, max_depth=max_depth, partial_s=partial_s, hard_cap=hard_cap)
+        self._rate = float(rate_per_s)
+        self._max_depth = max_depth
+        self.hard_cap = hard_cap
         self.partial_s = float(partial_s)
         self._items: collections.deque[Item] = collections.deque()
         self._credit = 0.0
@@ -179,14 +166,16 @@ class PropagationQueue:
 
     def set_rate(self, rate_per_s: float, now: float | None = None) -> None:
         """Change the rate; with `now`, the busy time up to `now` is credited at the old rate first (rule 5)."""
-        rate = _check_rate(rate_per_s)
+        _check(rate_per_s=rate_per_s)
+        rate = float(rate_per_s)
         if now is not None:
             self._accrue(now)
         self._rate = rate
 
     def set_max_depth(self, max_depth: int | None) -> None:
         """Change admission control; items already queued stay (they were admitted)."""
-        self._max_depth = _check_depth(max_depth)
+        _check(max_depth=max_depth)
+        self._max_depth = max_depth
 
     def partial_until(self, instance_id: str) -> float | None:
         """End of the instance's partial window, None if it has none open."""
