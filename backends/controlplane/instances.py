@@ -33,7 +33,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -44,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field
 
-from backends.config import ConfigModel, Number, Rate, Seconds, Whole
+from backends.config import ConfigModel, Number, Rate, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
 from backends.controlplane.netmanager import NetworkManager
 from backends.fleet import Targets, UnknownTarget
@@ -117,12 +116,17 @@ class Instance:
         return None if start is None or end is None else end - start
 
 
+def _check(**values: object) -> None:
+    """The config's rules (InstanceConfig) for values handed to the core or an operator knob directly;
+    ValueError names the field."""
+    validated(InstanceConfig, values)
+
+
 class Autoscaler:
     """Rule 3: how many instances to launch now in each zone."""
 
     def __init__(self, desired: Mapping[str, int], max_launch_per_tick: int) -> None:
-        if max_launch_per_tick < 0:
-            raise ValueError(f"max_launch_per_tick must be >= 0, got {max_launch_per_tick}")
+        _check(max_launch_per_tick=max_launch_per_tick)
         self._desired: dict[str, int] = {}
         for zone, n in desired.items():
             self.set_desired(zone, n)
@@ -169,10 +173,7 @@ class LaunchThrottle:
     def set_rate(self, rate_per_s: float | None, burst: float | None = None, now: float | None = None) -> None:
         """Change the throttle (operators relaxing it, as from 11:23 on 2025-10-20); burst defaults to one
         second's worth, at least one request. The bucket starts full."""
-        if rate_per_s is not None and not (math.isfinite(rate_per_s) and rate_per_s >= 0):
-            raise ValueError(f"launch rate must be a finite number >= 0 or None, got {rate_per_s}")
-        if burst is not None and not (math.isfinite(burst) and burst >= 1):
-            raise ValueError(f"launch burst must be a finite number >= 1, got {burst}")
+        _check(launch_rate_per_s=rate_per_s, launch_burst=burst)
         self._rate = rate_per_s
         self._burst = burst if burst is not None else max(1.0, rate_per_s or 0.0)
         self._tokens = self._burst
