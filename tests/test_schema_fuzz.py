@@ -68,7 +68,7 @@ def narrowed_schema() -> dict[str, Any]:
     top["duration_s"] = {"type": "number", "minimum": 1, "maximum": MAX_DURATION_S}
     top["speed"] = {"type": "number", "minimum": SPEED[0], "maximum": SPEED[1]}
     # Required here, so that no file falls back on the defaults (300 sim s at speed 10: 30 s a run).
-    schema["required"] = sorted({*schema.get("required", []), "duration_s", "speed"})
+    schema["required"] = sorted({*schema.get("required", []), "duration_s", "speed", "timeline"})
     top["zones"] = {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3,
                     "uniqueItems": True}
     top["targets_per_zone"] = {"type": "integer", "minimum": 0, "maximum": 2}
@@ -83,8 +83,16 @@ def narrowed_schema() -> dict[str, Any]:
     event["zone"] = {"anyOf": [{"enum": ["a", "b", "c", "d"]}, {"type": "null"}]}
     event["targets"] = {"anyOf": [{"type": "array", "minItems": 1, "maxItems": 3,
                                    "items": {"type": "string", "pattern": "^[abc]-i?[0-3]$"}}, {"type": "null"}]}
+    # One action each, mostly, as the format asks (events without one are refused, and the refusal is checked
+    # often enough by the rest).
+    actions = ("path", "backend", "register", "control", "checker", "set_policy")
+    defs["Event"]["anyOf"] = [{"required": [action]} for action in actions]
+    defs["Event"]["maxProperties"] = 3
+    for action in actions:  # given, not null
+        event[action] = next(branch for branch in event[action]["anyOf"] if branch.get("type") != "null")
     hc = defs["HealthCheckSpec"]["properties"]
     hc["interval_s"] = {"type": "number", "minimum": 0.5, "maximum": 5}
+    hc["timeout_s"] = {"type": "number", "minimum": 0.2, "maximum": 2}
     hc["path"] = {"type": "string", "pattern": "^/[a-z/]{0,8}$"}
     hc["success_codes"] = {"enum": ["200", "200-399", "200,204", "500"]}
     defs["TrafficSpec"]["properties"]["rate_per_s"] = {"type": "number", "minimum": 0, "maximum": 50}
