@@ -26,11 +26,14 @@ import random
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated, Literal
 
 from aiohttp import web
+from pydantic import Field, model_validator
 
-from backends import _params, _sockets
+from backends import _sockets
 from backends._sockets import BACKLOG, HOST
+from backends.config import ConfigModel, Flag, Fraction, PerSecond, Seconds, Whole, check_speed, validated
 
 MAX_WORK_BYTES = 64 * 1024 * 1024
 _WORK_CHUNK = b"x" * 65536
@@ -72,6 +75,40 @@ class BackendState:
             out["latency_s"] = self.latency_s
         return out | {"work_latency_s": self.work_latency_s, "error_rate": self.error_rate,
                       "capacity_per_s": self.capacity_per_s, "deep_ok": self.deep_ok}
+
+
+BackendModeName = Literal["healthy", "unhealthy", "slow", "hang", "crash"]
+# Parameters every mode takes, and the ones only some modes take; the others are backend settings kept across modes.
+_SETTINGS = frozenset({"work_latency_s", "error_rate", "capacity_per_s", "deep_ok"})
+_MODE_ONLY = {"unhealthy": frozenset({"status"}), "slow": frozenset({"latency_s"})}
+
+
+class ModeChange(ConfigModel):
+    """A switch of a backend's mode with its parameters (see the module docstring). A mode parameter left out
+    resets (`status` to 503); a setting left out, or null, is kept, except `capacity_per_s: null`: unlimited."""
+
+    mode: BackendModeName
+    status: Annotated[Whole, Field(ge=200, le=599)] | None = None  # unhealthy
+    latency_s: Annotated[Seconds, Field(ge=0)] | None = None  # slow, which needs it
+    work_latency_s: Annotated[Seconds, Field(ge=0)] | None = None
+    error_rate: Annotated[Fraction, Field(ge=0, le=1)] | None = None
+    capacity_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
+    deep_ok: Flag | None = None  # what /health/deep says of the backend's dependency
+
+    def params(self) -> dict[str, object]:
+        """The parameters given, by name (null counts as given only for capacity_per_s)."""
+        return {k: getattr(self, k) for k in type(self).model_fields
+                if k in self.model_fields_set - {"mode"} and (getattr(self, k) is not None or k == "capacity_per_s")}
+
+    @model_validator(mode="after")
+    def _fits_mode(self) -> ModeChange:
+        takes = _SETTINGS | _MODE_ONLY.get(self.mode, frozenset())
+        extra = sorted(set(self.params()) - takes)
+        if extra:
+            raise ValueError(f"mode {self.mode} does not take {', '.join(extra)} (it takes {', '.join(sorted(takes))})")
+        if self.mode == "slow" and self.latency_s is None:
+            raise ValueError("mode slow needs latency_s")
+        return self
 
 
 def parse_mode(mode: str) -> BackendMode:
@@ -132,10 +169,10 @@ class BackendFleet:
     def __init__(
         self, *, speed: float = 1.0, seed: int | str = 0, host: str = HOST, capacity_per_s: float | None = None
     ) -> None:
-        self._speed = _params.number("speed", speed, low_open=True)
-        self._capacity_per_s = (
-            None if capacity_per_s is None else _params.number("capacity_per_s", capacity_per_s, low_open=True)
-        )
+        self._speed = check_speed(speed)
+        # The capacity of every backend until a mode change sets its own: checked by the same rule.
+        self._capacity_per_s = validated(ModeChange, {"mode": "healthy", "capacity_per_s": capacity_per_s}
+                                         ).capacity_per_s
         self._seed = seed
         self._host = host
         self._backends: dict[str, _Backend] = {}
@@ -201,20 +238,13 @@ class BackendFleet:
         Raises ValueError (and changes nothing) on an unknown mode or a bad parameter."""
         b = self._get(backend_id)
         new = parse_mode(mode)
-        mode_params = {BackendMode.UNHEALTHY: {"status"}, BackendMode.SLOW: {"latency_s"}}.get(new, set())
-        _params.only(params, mode_params | {"work_latency_s", "error_rate", "capacity_per_s", "deep_ok"},
-                     f"mode {new.value}")
-        deep_ok = params.get("deep_ok", b.deep_ok)
-        if not isinstance(deep_ok, bool):
-            raise ValueError(f"deep_ok must be true or false, got {deep_ok!r}")
-        status = _params.integer("status", params.get("status", 503), low=200, high=599)
-        if new is BackendMode.SLOW and "latency_s" not in params:
-            raise ValueError("mode slow needs latency_s")
-        latency_s = _params.number("latency_s", params.get("latency_s", 0.0))
-        work_latency_s = _params.number("work_latency_s", params.get("work_latency_s", b.work_latency_s))
-        error_rate = _params.number("error_rate", params.get("error_rate", b.error_rate), high=1.0)
-        capacity = params.get("capacity_per_s", b.capacity_per_s)
-        capacity_per_s = None if capacity is None else _params.number("capacity_per_s", capacity, low_open=True)
+        change = validated(ModeChange, {**params, "mode": new.value})
+        status = 503 if change.status is None else change.status
+        latency_s = change.latency_s or 0.0
+        work_latency_s = b.work_latency_s if change.work_latency_s is None else change.work_latency_s
+        error_rate = b.error_rate if change.error_rate is None else change.error_rate
+        deep_ok = b.deep_ok if change.deep_ok is None else change.deep_ok
+        capacity_per_s = change.capacity_per_s if "capacity_per_s" in change.model_fields_set else b.capacity_per_s
 
         async with self._lock:
             old = b.mode

@@ -38,10 +38,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import cast
+from typing import Annotated, cast
 
-from backends import _params, _sockets
+from pydantic import AfterValidator, Field
+
+from backends import _sockets
 from backends._sockets import BACKLOG, HOST
+from backends.config import ConfigModel, Fraction, PerSecond, Seconds, check_speed, validated
 
 # A pipe stops reading its source while this much is delayed or paced but not yet written.
 _HIGH_WATER = 1 << 20
@@ -73,11 +76,11 @@ class Outcome(StrEnum):
 
 _ALIASES = {"loss": PathState.FLAP}
 MIN_PERIOD_S = 0.001  # the shortest flap slot, sim s (0 = per connection)
-# Parameter -> (required, low, high, low_open), per state.
-_SPEC: dict[PathState, dict[str, tuple[bool, float, float, bool]]] = {
-    PathState.LATENCY: {"latency_s": (True, 0.0, math.inf, False), "jitter_s": (False, 0.0, math.inf, False)},
-    PathState.FLAP: {"loss": (True, 0.0, 1.0, False), "period_s": (False, 0.0, math.inf, False)},
-    PathState.BANDWIDTH: {"rate_bytes_per_s": (True, 0.0, math.inf, True)},
+# The parameters each state takes: (required, optional).
+_TAKES: dict[PathState, tuple[frozenset[str], frozenset[str]]] = {
+    PathState.LATENCY: (frozenset({"latency_s"}), frozenset({"jitter_s"})),
+    PathState.FLAP: (frozenset({"loss"}), frozenset({"period_s"})),
+    PathState.BANDWIDTH: (frozenset({"rate_bytes_per_s"}), frozenset()),
 }
 
 
@@ -87,6 +90,43 @@ def parse_state(state: str) -> PathState:
     except ValueError:
         allowed = ", ".join([*PathState, *_ALIASES])
         raise ValueError(f"unknown path state {state!r} (one of {allowed})") from None
+
+
+def _period(v: float | None) -> float | None:
+    if v is not None and 0 < v < MIN_PERIOD_S:
+        # A vanishing slot would make the slot number overflow; nothing below a millisecond is meaningful.
+        raise ValueError(f"must be 0 or at least {MIN_PERIOD_S:g} sim s")
+    return v
+
+
+class PathParams(ConfigModel):
+    """The parameters of the path states, each given only for the states that take it (`fit`)."""
+
+    latency_s: Annotated[Seconds, Field(ge=0)] | None = None  # latency
+    jitter_s: Annotated[Seconds, Field(ge=0)] | None = None  # latency
+    loss: Annotated[Fraction, Field(ge=0, le=1)] | None = None  # flap
+    # flap: 0 (the default) per connection; > 0 per slot of this many sim seconds (at least MIN_PERIOD_S)
+    period_s: Annotated[Seconds, Field(ge=0), AfterValidator(_period)] | None = None
+    rate_bytes_per_s: Annotated[PerSecond, Field(gt=0)] | None = None  # bandwidth
+
+    def given(self) -> dict[str, float]:
+        """The parameters given, by name (null counts as not given)."""
+        return {name: getattr(self, name) for name in type(self).model_fields
+                if name in PathParams.model_fields and getattr(self, name) is not None}
+
+    def fit(self, state: str) -> PathState:
+        """The state, if it takes exactly these parameters; ValueError names what is missing or not taken."""
+        st = parse_state(state)
+        required, optional = _TAKES.get(st, (frozenset(), frozenset()))
+        given = set(self.given())
+        extra = sorted(given - required - optional)
+        if extra:
+            takes = ", ".join(sorted(required | optional)) or "no parameters"
+            raise ValueError(f"path state {st.value} does not take {', '.join(extra)} (it takes {takes})")
+        missing = sorted(required - given)
+        if missing:
+            raise ValueError(f"path state {st.value} needs {', '.join(missing)}")
+        return st
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,24 +142,14 @@ class PathConfig:
 
     @classmethod
     def parse(cls, state: str, params: Mapping[str, object]) -> PathConfig:
-        """Validate a state and its parameters; ValueError names what is wrong."""
-        st = parse_state(state)
-        spec = _SPEC.get(st, {})
-        _params.only(params, set(spec), f"path state {st.value}")
-        values: dict[str, float] = {}
-        for name, (required, low, high, low_open) in spec.items():
-            if name in params:
-                values[name] = _params.number(name, params[name], low=low, high=high, low_open=low_open)
-            elif required:
-                raise ValueError(f"path state {st.value} needs {name}")
-        if 0 < values.get("period_s", 0.0) < MIN_PERIOD_S:
-            # A vanishing slot would make the slot number overflow; nothing below a millisecond is meaningful.
-            raise ValueError(f"period_s must be 0 or at least {MIN_PERIOD_S:g} sim s, got {values['period_s']!r}")
-        return cls(st, **values)
+        """Validate a state and its parameters (PathParams' rules); ValueError names what is wrong."""
+        p = validated(PathParams, params)
+        return cls(p.fit(state), **p.given())
 
     def params(self) -> dict[str, float]:
         """The parameters this state takes, by name."""
-        return {name: getattr(self, name) for name in _SPEC.get(self.state, {})}
+        required, optional = _TAKES.get(self.state, (frozenset(), frozenset()))
+        return {name: getattr(self, name) for name in PathParams.model_fields if name in required | optional}
 
 
 # A flapping path "can serve" while it loses less than this share of new connections (a scenario's
@@ -402,7 +432,7 @@ class NetPath:
         self.target_id = target_id
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
-        self.speed = _params.number("speed", speed, low_open=True)
+        self.speed = check_speed(speed)
         self.host = host
         self.port = 0
         self._rng = random.Random(rng_seed)

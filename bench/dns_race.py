@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.duration_s <= 0:
         ap.error("need --seeds >= 1 and --duration-s > 0")
-    race = RaceConfig(RaceMode.EMERGENT, args.delay_probability, args.delay_mean_s, args.delay_max_s)
+    race = RaceConfig(mode=RaceMode.EMERGENT, delay_probability=args.delay_probability, delay_mean_s=args.delay_mean_s,
+                      delay_max_s=args.delay_max_s)
     started = time.perf_counter()
     seeds = range(args.seeds)
     emptied: dict[str, float] = {}

@@ -22,8 +22,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from backends.controlplane.clock import SimClock
-from backends.controlplane.dnsautomation import RaceConfig, RaceMode
-from backends.controlplane.dnsplan import Protections
 from backends.controlplane.dnsservice import DnsService, DnsServiceConfig
 from backends.controlplane.hostmanager import HostManager, HostManagerConfig
 from backends.controlplane.instances import InstanceConfig, InstanceFleet
@@ -92,24 +90,13 @@ class ControlPlane:
         """Bring every component up; `adopt` are the (target id, zone) running before the run began."""
         spec = self.spec
         try:
-            ls = spec.lease_store
-            self.store = LeaseStoreServer(
-                self.clock, self.registry, capacity_per_s=ls.capacity_per_s, base_latency_s=ls.base_latency_s,
-                load_latency_factor=ls.load_latency_factor,
-            )
+            # The specs are the components' own settings: they pass through whole, already checked by their rules.
+            self.store = LeaseStoreServer(self.clock, self.registry, **dict(spec.lease_store))
             await self.store.start()
-            d = spec.dns
             self.dns = DnsService(
                 self.clock,
-                DnsServiceConfig(
-                    zone_suffix=ZONE_SUFFIX, planner_interval_s=d.planner_interval_s,
-                    enactors=tuple(self.scenario.enactor_names()), apply_time_s=d.apply_time_s, retry_s=d.retry_s,
-                    enactor_poll_s=d.enactor_poll_s, keep_generations=d.keep_generations, ttl_s=d.ttl_s,
-                    protections=Protections(cas=d.protections.cas, keep_active=d.protections.keep_active,
-                                            guard=d.protections.guard, min_fraction=d.protections.min_fraction),
-                    race=RaceConfig(mode=RaceMode(d.race.mode), delay_probability=d.race.delay_probability,
-                                    delay_mean_s=d.race.delay_mean_s, delay_max_s=d.race.delay_max_s),
-                ),
+                DnsServiceConfig.from_settings(spec.dns, zone_suffix=ZONE_SUFFIX,
+                                               enactors=tuple(self.scenario.enactor_names())),
                 {name: {self.store.host: 1} for name in _ENDPOINTS},
                 self.registry,
                 extra=self._extra,
@@ -128,23 +115,14 @@ class ControlPlane:
                                             timeout_s=hm.item_timeout_s, holder="host-manager")
             self.hosts = HostManager(
                 self.clock, self.lease_client,
-                HostManagerConfig(
-                    hosts=hm.hosts, lease_ttl_s=hm.lease_ttl_s, renew_interval_s=hm.renew_interval_s,
-                    ttl_spread=hm.ttl_spread, renew_concurrency=hm.renew_concurrency, workers=hm.workers,
-                    item_timeout_s=hm.item_timeout_s, base_service_s=hm.base_service_s, per_depth_s=hm.per_depth_s,
-                    max_depth=hm.max_depth, throttle_per_s=hm.throttle_per_s, retry_s=hm.retry_s,
-                    slots_per_host=hm.slots_per_host, key_prefix="host-", hard_cap=hm.hard_cap,
-                ),
+                HostManagerConfig.from_settings(hm, key_prefix="host-"),
                 self.registry,
                 on_event=lambda kind, data: self._on_event(f"hosts_{kind}", "host-manager", data),
             )
             await self.hosts.start()
-            nm = spec.network_manager
             self.network = NetworkManager(
                 self.clock,
-                NetworkManagerConfig(rate_per_s=nm.rate_per_s, max_depth=nm.max_depth, partial_s=nm.partial_s,
-                                     partial_loss=nm.partial_loss, partial_period_s=nm.partial_period_s,
-                                     hard_cap=nm.hard_cap),
+                NetworkManagerConfig.from_settings(spec.network_manager),
                 self.registry,
                 on_event=lambda ev: self._on_event(f"network_{ev.kind}", "network-manager", {"depth": ev.depth}),
             )
@@ -152,9 +130,7 @@ class ControlPlane:
             desired = im.desired_per_zone if im.desired_per_zone is not None else self.scenario.targets_per_zone
             self.instances = InstanceFleet(
                 self.clock, self.targets, self.hosts, self.network, self.registry,
-                InstanceConfig(launch_time_s=im.launch_time_s, launch_rate_per_s=im.launch_rate_per_s,
-                               autoscale_interval_s=im.autoscale_interval_s,
-                               max_launch_per_tick=im.max_launch_per_tick),
+                InstanceConfig.from_settings(im),
                 on_launched=self._on_launched,
                 on_terminated=self._on_terminated,
                 desired=dict.fromkeys(self.scenario.zones, desired),

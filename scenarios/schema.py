@@ -14,12 +14,15 @@ Rules of the format, each enforced at load time so a mistake is reported before 
    loaded; `module:Class` paths belong to `lbsim compare --allow-import`, and the term `scenario` to `--policy`.
 6. A scenario has targets: some per zone, a `register` event, or a control plane that launches them.
 Invalid YAML is reported as `FILE:LINE:COL: ...`; every other problem as one line naming its field.
+
+Each rule is written once: the number types are `backends.config`'s, and a path change, a backend change and the
+`control_plane` sections are the components' own configuration models (PathParams, ModeChange, the settings of
+each control-plane component), so a file is refused for exactly what the component would refuse when built.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import types
 from collections.abc import Callable, Hashable
@@ -28,11 +31,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from backends.controlplane.netmanager import NetworkManagerConfig
-from backends.netpath import FLAP_CAN_SERVE_BELOW, PathConfig
+from backends.app import ModeChange
+from backends.config import ConfigModel, Flag, Fraction, MaxDepth, Number, PerSecond, Rate, Seconds, Speed, Whole
+from backends.controlplane.dnsautomation import EnactorNames
+from backends.controlplane.dnsservice import DnsSettings
+from backends.controlplane.hostmanager import HostManagerSettings
+from backends.controlplane.instances import InstanceSettings
+from backends.controlplane.leasestore import LeaseStoreSettings
+from backends.controlplane.netmanager import NetworkManagerSettings, PropagationRate
+from backends.netpath import FLAP_CAN_SERVE_BELOW, PathParams
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
     AWS_DEFAULT_INTERVAL_S,
@@ -57,7 +67,6 @@ from lb.policy import Policy
 from scenarios.outcomes import Headline
 
 PathStateName = Literal["open", "blackhole", "refuse", "reset", "latency", "flap", "loss", "bandwidth"]
-BackendModeName = Literal["healthy", "unhealthy", "slow", "hang", "crash"]
 
 THRESHOLD_RANGE = (1, 10)
 # The error type of the checks that need the whole scenario; their message already says what was given.
@@ -70,55 +79,6 @@ class ScenarioError(ValueError):
 
 # -- numbers and flags (rule 1) ----------------------------------------------------------------------------------
 
-_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-
-
-def _numeric(what: str, example: str, bad: str) -> BeforeValidator:
-    """A check that lets only real numbers through to pydantic's own (which would parse strings and bools)."""
-
-    def check(v: Any) -> Any:
-        if isinstance(v, bool):
-            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, not true/false"})
-        if isinstance(v, str):
-            hint = ""
-            if _EXPONENT.fullmatch(v.strip()):
-                # PyYAML only reads exponents with a dot and a sign (1.0e+3) as numbers; 1e3 arrives as text.
-                hint = f" (YAML reads {v} as text: write {float(v):.10g} or 1.0e+3 style with a dot and a sign)"
-            elif v.strip() and _is_number(v):
-                hint = " (remove the quotes)"
-            msg = f"must be {what}, e.g. {example}; strings like {bad!r} are not accepted{hint}"
-            raise PydanticCustomError("number_type", "{m}", {"m": msg})
-        if isinstance(v, float) and not math.isfinite(v):
-            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, and finite"})
-        return v
-
-    return BeforeValidator(check)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _flag_check(v: Any) -> Any:
-    if not isinstance(v, bool):
-        raise PydanticCustomError("bool_type", "{m}", {"m": "must be true or false"})
-    return v
-
-
-Seconds = Annotated[float, _numeric("a number of sim seconds", "10 or 0.5", "10s")]
-WholeSeconds = Annotated[int, _numeric("a whole number of sim seconds", "5", "5s")]
-PerSecond = Annotated[float, _numeric("a number per sim second", "20 or 0.5", "20/s")]
-Fraction = Annotated[float, _numeric("a fraction from 0 to 1", "0.4", "40%")]
-Number = Annotated[float, _numeric("a number", "2 or 0.5", "2x")]
-Speed = Annotated[float, _numeric("a number of sim seconds per wall second", "10", "10x")]
-Whole = Annotated[int, _numeric("a whole number", "3", "3")]
-Flag = Annotated[bool, BeforeValidator(_flag_check)]
-
-
 _THRESHOLD_SCHEMA: dict[str, Any] = {"minimum": THRESHOLD_RANGE[0], "maximum": THRESHOLD_RANGE[1]}
 
 
@@ -130,8 +90,8 @@ def _threshold(v: int) -> int:
     return v
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+# The base of every spec: the same as the components' own configs, which the control plane's specs are.
+_Model = ConfigModel
 
 
 class HealthCheckSpec(_Model):
@@ -198,36 +158,25 @@ class TrafficSpec(_Model):
     max_outstanding: Annotated[Whole, Field(ge=1, le=10000)] = 500
 
 
-class PathChange(_Model):
+class PathChange(PathParams):
+    """A path state and its parameters, by the path's own rules (PathParams)."""
+
     state: PathStateName
     cut_existing: Flag = False
-    latency_s: Annotated[Seconds, Field(ge=0)] | None = None
-    jitter_s: Annotated[Seconds, Field(ge=0)] | None = None
-    loss: Annotated[Fraction, Field(ge=0, le=1)] | None = None
-    period_s: Annotated[Seconds, Field(ge=0)] | None = None  # flap: 0 per connection, > 0 per slot of sim time
-    rate_bytes_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
 
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if k not in ("state", "cut_existing") and v is not None}
+    def params(self) -> dict[str, float]:
+        return self.given()
 
     @model_validator(mode="after")
     def _fits_state(self) -> PathChange:
-        # The path's own check, on load: a parameter the state does not take (or a missing one) would otherwise
-        # only fail when the event fires, mid-run.
-        PathConfig.parse(self.state, self.params())
+        # On load: a parameter the state does not take (or a missing one) would otherwise only fail when the
+        # event fires, mid-run.
+        self.fit(self.state)
         return self
 
 
-class BackendChange(_Model):
-    mode: BackendModeName
-    status: Annotated[Whole, Field(ge=200, le=599)] | None = None
-    latency_s: Annotated[Seconds, Field(ge=0)] | None = None
-    error_rate: Annotated[Fraction, Field(ge=0, le=1)] | None = None
-    capacity_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    deep_ok: Flag | None = None  # what /health/deep says of the backend's dependency
-
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if k != "mode" and v is not None}
+# A backend's mode and its parameters, by the backend's own rules (`slow` needs latency_s, ...).
+BackendChange = ModeChange
 
 
 class Register(_Model):
@@ -244,88 +193,19 @@ class PolicyParam(_Model):
     value: Any
 
 
-class DnsProtectionsSpec(_Model):
-    """The three DNS-plan protections (docs/sources.md); all off reproduces the 2025-10-20 race."""
-
-    cas: Flag = False
-    keep_active: Flag = False
-    guard: Flag = False
-    min_fraction: Annotated[Fraction, Field(ge=0, le=1)] = 0.5
+class DnsSpec(DnsSettings):
+    # Default: one per zone, as AWS runs one per AZ.
+    enactors: EnactorNames | None = None
 
 
-class DnsRaceSpec(_Model):
-    """How enactor writes get delayed (backends/controlplane/dnsautomation.py rule 6): `forced` holds an
-    injected delay's write until another enactor's clean-up (the empty record by construction, for teaching);
-    `emergent` delays each write with probability `delay_probability` by an exponential delay of mean
-    `delay_mean_s` (at most `delay_max_s`), drawn from the run's seed, and the race happens or not."""
-
-    mode: Literal["forced", "emergent"] = "forced"
-    delay_probability: Annotated[Fraction, Field(ge=0, le=1)] = 0.05
-    delay_mean_s: Annotated[Seconds, Field(gt=0)] = 15.0
-    delay_max_s: Annotated[Seconds, Field(ge=0)] = 120.0
+# The components' own settings, with their own rules (lease TTLs outlive renewals, a partial window's flap fits a
+# path, ...), are the specs: a file is checked by the rules the component enforces when it is built.
+LeaseStoreSpec = LeaseStoreSettings
+HostManagerSpec = HostManagerSettings
+NetworkManagerSpec = NetworkManagerSettings
 
 
-class DnsSpec(_Model):
-    planner_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
-    enactors: list[str] | None = None  # default: one per zone, as AWS runs one per AZ
-    apply_time_s: Annotated[Seconds, Field(ge=0)] = 0.5
-    retry_s: Annotated[Seconds, Field(gt=0)] = 1.0
-    enactor_poll_s: Annotated[Seconds, Field(gt=0)] = 1.0
-    keep_generations: Annotated[Whole, Field(ge=0, le=1000)] = 3
-    ttl_s: Annotated[WholeSeconds, Field(ge=0, le=86400)] = 5  # of the lease store's record; sim seconds
-    protections: DnsProtectionsSpec = DnsProtectionsSpec()
-    race: DnsRaceSpec = DnsRaceSpec()
-
-
-class LeaseStoreSpec(_Model):
-    capacity_per_s: Annotated[PerSecond, Field(gt=0)] = 200.0
-    base_latency_s: Annotated[Seconds, Field(ge=0)] = 0.005
-    load_latency_factor: Annotated[Number, Field(ge=0)] = 4.0
-
-
-class HostManagerSpec(_Model):
-    hosts: Annotated[Whole, Field(ge=1, le=5000)] = 60
-    lease_ttl_s: Annotated[Seconds, Field(gt=0)] = 300.0
-    renew_interval_s: Annotated[Seconds, Field(gt=0)] = 60.0
-    ttl_spread: Annotated[Fraction, Field(ge=0, lt=1)] = 0.5
-    renew_concurrency: Annotated[Whole, Field(ge=1, le=1000)] = 16
-    workers: Annotated[Whole, Field(ge=1, le=1000)] = 4
-    item_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
-    base_service_s: Annotated[Seconds, Field(ge=0)] = 1.0
-    per_depth_s: Annotated[Seconds, Field(ge=0)] = 0.5
-    max_depth: Annotated[Whole, Field(ge=1)] | None = None
-    throttle_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    retry_s: Annotated[Seconds, Field(gt=0)] = 5.0
-    slots_per_host: Annotated[Whole, Field(ge=1, le=1000)] = 4
-    # A memory bound on the recovery queue, not the modelled admission control (`max_depth`): beyond it new
-    # items are dropped and counted (lbsim_host_recovery_dropped_total).
-    hard_cap: Annotated[Whole, Field(ge=1)] = 100_000
-
-
-class NetworkManagerSpec(_Model):
-    rate_per_s: Annotated[PerSecond, Field(gt=0)] = 2.0
-    max_depth: Annotated[Whole, Field(ge=1)] | None = None
-    partial_s: Annotated[Seconds, Field(ge=0)] = 0.0
-    partial_loss: Annotated[Fraction, Field(ge=0, le=1)] = 0.4
-    # 0: partial paths lose each connection with probability partial_loss; > 0: they are up or down for whole
-    # slots of this many sim seconds, the same pattern in every run of a seed at every speed (NetPath `period_s`).
-    partial_period_s: Annotated[Seconds, Field(ge=0)] = 0.0
-    # A memory bound on the backlog, not the modelled admission control (`max_depth`): beyond it new items are
-    # dropped and counted (lbsim_netmanager_dropped_total).
-    hard_cap: Annotated[Whole, Field(ge=1)] = 100_000
-
-
-    @model_validator(mode="after")
-    def _flap_fits_a_path(self) -> NetworkManagerSpec:
-        # The flap a partial window applies, checked by the path's own rules (as for a timeline's path change).
-        NetworkManagerConfig(partial_loss=self.partial_loss, partial_period_s=self.partial_period_s)
-        return self
-
-class InstancesSpec(_Model):
-    launch_time_s: Annotated[Seconds, Field(ge=0)] = 2.0
-    launch_rate_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    autoscale_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
-    max_launch_per_tick: Annotated[Whole, Field(ge=0, le=1000)] = 5
+class InstancesSpec(InstanceSettings):
     desired_per_zone: Annotated[Whole, Field(ge=0, le=500)] | None = None  # default: targets_per_zone
 
 
@@ -385,10 +265,11 @@ class ControlAction(_Model):
     writes: Annotated[Whole, Field(ge=1)] | None = None
     count: Annotated[Whole, Field(ge=0, le=10000)] | None = None
     zone: str | None = None
-    per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    rate_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    capacity_per_s: Annotated[PerSecond, Field(gt=0)] | None = None
-    max_depth: Annotated[Whole, Field(ge=1)] | None = None
+    # The components' own rules for the values these actions set (`per_s`: host throttle and launch rate alike).
+    per_s: Rate | None = None  # a host-manager throttle or a launch rate
+    rate_per_s: PropagationRate | None = None
+    capacity_per_s: Rate | None = None
+    max_depth: MaxDepth | None = None
 
     @model_validator(mode="after")
     def _params_fit(self) -> ControlAction:
@@ -645,10 +526,6 @@ class Scenario(_Model):
                 why = event_conflict(a, b)
                 if why is not None:
                     problems.append((("timeline", j), f"timeline[{i}] and timeline[{j}] happen at {a.at:g} and {why}"))
-        if self.control_plane is not None and self.control_plane.dns.enactors is not None:
-            names = self.control_plane.dns.enactors
-            if not names or len(set(names)) != len(names):
-                problems.append((("control_plane", "dns", "enactors"), "must be a non-empty list of unique names"))
         if self.targets_per_zone == 0 and self.control_plane is None \
                 and not any(ev.register_ is not None for ev in self.timeline):
             problems.append((("targets_per_zone",), "the scenario has no targets: targets_per_zone is 0, no timeline "

@@ -395,6 +395,13 @@ health_check: {interval_s: 5, timeout_s: 2, healthy_threshold: 2, unhealthy_thre
         ("load_balancer: {selection: random}\n", "load_balancer.selection", "'flow-hash'"),
         ("timeline: [{at: 2, zone: a, path: {state: melt}}]\n", "timeline.0.path.state", "'blackhole'"),
         ("speeed: 3\n", "speeed", "unknown field"),
+        # HostManagerConfig's rule: once crashed `run` after the sockets were up, while `validate` passed.
+        ("control_plane: {host_manager: {lease_ttl_s: 100, renew_interval_s: 60}}\n", "control_plane.host_manager",
+         "lease_ttl_s * (1 - ttl_spread) = 50 must exceed renew_interval_s = 60"),
+        # The backend's rules: `validate` passed these, and `run` crashed when the event fired.
+        ("timeline: [{at: 2, zone: a, backend: {mode: slow}}]\n", "timeline.0.backend", "mode slow needs latency_s"),
+        ("timeline: [{at: 2, zone: a, backend: {mode: healthy, status: 500}}]\n", "timeline.0.backend",
+         "mode healthy does not take status"),
         ("traffic: {rate_per_s: -1}\n", "traffic.rate_per_s", "greater than or equal to 0"),
         ("timeline: [{at: 2, zone: z, path: {state: open}}]\n", "timeline.0.zone", "['a', 'b']"),
     ],

@@ -25,7 +25,7 @@ ENDPOINTS = {
 }
 FIRST = "ddb.cp.lbsim"  # sorts first: the first write of every pass
 CONFIG = AutomationConfig()  # planner every 5 s, enactors a b c, 0.5 s a write, poll 1 s, keep 3 generations
-EMERGENT = RaceConfig(RaceMode.EMERGENT)  # a write hangs with p = 0.05 for Exp(mean 15 s) <= 120 s
+EMERGENT = RaceConfig(mode=RaceMode.EMERGENT)  # a write hangs with p = 0.05 for Exp(mean 15 s) <= 120 s
 # Seeds of the emergent mode with these endpoints and defaults: RACING empties a record at t = 31.7 (also the
 # real-socket test's seed in test_controlplane_dnsservice.py); QUIET empties nothing within 200 s.
 RACING, QUIET = 68, 0
@@ -80,8 +80,8 @@ def test_configs_are_validated_and_the_emergent_mode_needs_an_injected_rng() -> 
         with pytest.raises(ValueError):
             RaceConfig(**bad)
     with pytest.raises(ValueError):
-        RaceConfig("chaotic")  # type: ignore[arg-type]
-    assert RaceConfig("emergent").mode == RaceMode.EMERGENT  # type: ignore[arg-type]
+        RaceConfig(mode="chaotic")  # type: ignore[arg-type]
+    assert RaceConfig(mode="emergent").mode == RaceMode.EMERGENT  # type: ignore[arg-type]
     for bad_auto in ({"planner_interval_s": 0}, {"enactors": ()}, {"enactors": ("a", "a")}, {"apply_time_s": -1}):
         with pytest.raises(ValueError):
             AutomationConfig(**bad_auto)
@@ -94,7 +94,7 @@ def test_configs_are_validated_and_the_emergent_mode_needs_an_injected_rng() -> 
 def test_drawn_delays_follow_the_configured_distribution() -> None:
     rng = random.Random(1)
     assert RaceConfig().draw_delay(rng) == 0.0 and rng.getstate() == random.Random(1).getstate()  # forced: no draw
-    race = RaceConfig(RaceMode.EMERGENT, delay_probability=0.5, delay_mean_s=10.0, delay_max_s=25.0)
+    race = RaceConfig(mode=RaceMode.EMERGENT, delay_probability=0.5, delay_mean_s=10.0, delay_max_s=25.0)
     draws = [race.draw_delay(rng) for _ in range(4000)]
     hung = [d for d in draws if d > 0]
     assert 0.45 < len(hung) / len(draws) < 0.55
@@ -256,14 +256,14 @@ def test_emergent_mode_outcomes_follow_the_drawn_delays() -> None:
     again, again_notices = make(EMERGENT, seed=RACING)
     again.run_until(200.0)
     assert again_notices.items == racing_notices.items
-    never = [make(RaceConfig(RaceMode.EMERGENT, delay_probability=0.0), seed=s)[0] for s in range(10)]
+    never = [make(RaceConfig(mode=RaceMode.EMERGENT, delay_probability=0.0), seed=s)[0] for s in range(10)]
     for auto in never:
         auto.run_until(200.0)
     assert not any(a.records_emptied for a in never)
 
 
 def test_emergent_mode_draws_per_write_and_lands_an_injected_delay_plainly() -> None:
-    auto, notices = make(RaceConfig(RaceMode.EMERGENT, delay_probability=0.0), seed=1)
+    auto, notices = make(RaceConfig(mode=RaceMode.EMERGENT, delay_probability=0.0), seed=1)
     auto.run_until(12.0)
     auto.delay_enactor("a", 30.0, 12.0, endpoint=FIRST)
     auto.run_until(80.0)
@@ -300,7 +300,7 @@ def test_a_pass_writes_the_endpoints_sorted_when_forced_and_in_a_drawn_order_whe
     forced.run_until(100.0)
     assert all(order == sorted(SCENARIO_ENDPOINTS) for order in passes(forced).values())  # the lease store last
     # Emergent, never hung: every pass writes each endpoint once, in an order drawn per pass from the rng.
-    config = AutomationConfig(race=RaceConfig(RaceMode.EMERGENT, delay_probability=0.0))
+    config = AutomationConfig(race=RaceConfig(mode=RaceMode.EMERGENT, delay_probability=0.0))
     emergent = DnsAutomation(config, SCENARIO_ENDPOINTS, 0.0, random.Random(LEASE_RACING))
     emergent.run_until(100.0)
     orders = list(passes(emergent).values())

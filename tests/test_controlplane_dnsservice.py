@@ -104,7 +104,7 @@ def test_config_is_validated() -> None:
             DnsServiceConfig(**bad)  # type: ignore[arg-type]
     assert CONFIG.fqdn("LeaseStore") == "leasestore.cp.lbsim"
     with pytest.raises(ValueError, match="seeded"):  # the emergent mode draws from an injected rng only
-        DnsService(ScaledClock(SPEED), DnsServiceConfig(race=RaceConfig(RaceMode.EMERGENT)), ENDPOINTS)
+        DnsService(ScaledClock(SPEED), DnsServiceConfig(race=RaceConfig(mode=RaceMode.EMERGENT)), ENDPOINTS)
 
 
 def test_the_scenario_schema_checks_the_race_mode_and_the_built_in_race_is_forced() -> None:
@@ -113,7 +113,7 @@ def test_the_scenario_schema_checks_the_race_mode_and_the_built_in_race_is_force
     emergent, _ = load_scenario("dns-enactor-race", ["control_plane.dns.race.mode=emergent"])
     assert emergent.control_plane is not None and emergent.control_plane.dns.race.mode == "emergent"
     for override, message in (
-        ("control_plane.dns.race.mode=chaotic", "one of 'forced' or 'emergent'"),
+        ("control_plane.dns.race.mode=chaotic", "must be 'forced' or 'emergent'"),
         ("control_plane.dns.race.delay_probability=1.5", "less than or equal to 1"),
         ("control_plane.dns.race.delay_mean_s=0", "greater than 0"),
         ("control_plane.dns.race.delay_max=3", "did you mean `delay_max_s`"),
@@ -184,7 +184,7 @@ def test_planner_and_enactors_keep_every_record_served_as_generations_advance(lo
             assert len(applied) >= 2  # staggered enactors, more than one at work
             await wait_for(lambda: service.plans_deleted >= 2)  # clean-ups run
             assert "emptied" not in recorder.kinds()
-            assert await query(service, "DDB.CP.LBSIM.") == (dns.rcode.NOERROR, ["10.0.0.1", "10.0.0.2"], 60)
+            assert await query(service, "DDB.CP.LBSIM.") == (dns.rcode.NOERROR, ["10.0.0.1", "10.0.0.2"], CONFIG.ttl_s)
             assert await query(service, LB_NAME) == (dns.rcode.NOERROR, ["10.9.0.1", "10.9.0.2"], 7)
             assert (await query(service, "nope.cp.lbsim"))[0] == dns.rcode.NXDOMAIN
 
@@ -322,7 +322,7 @@ def test_emergent_mode_on_loopback_empties_the_record_where_the_virtual_clock_ru
     # RACING_SEED: the pure core on a virtual clock (tests/test_controlplane_dnsautomation.py) empties a record
     # at t = 31.7 with these endpoints; the service drives the same core on a scaled clock, so it must too.
     racing_seed, speed = 68, 10.0  # at 10x a poll is 100 ms of wall time: loop lag cannot reorder the steps
-    config = DnsServiceConfig(race=RaceConfig(RaceMode.EMERGENT))
+    config = DnsServiceConfig(race=RaceConfig(mode=RaceMode.EMERGENT))
     virtual = DnsAutomation(config.automation(), ENDPOINTS, 0.0, random.Random(racing_seed))
     virtual.run_until(100.0)
     assert virtual.first_emptied_at is not None

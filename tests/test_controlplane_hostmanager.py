@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -518,7 +518,7 @@ def test_admission_control_alone_avoids_the_collapse(loop: str) -> None:
     async def body() -> None:
         clock = ScaledClock(speed=SPEED)
         store, rec = FakeLeaseStore(clock), Recorder()
-        cfg = replace(CFG, max_depth=max_depth)
+        cfg = CFG.model_validate({**dict(CFG), "max_depth": max_depth})
         async with HostManager(clock, store, cfg, on_event=rec) as m:
             assert max_depth < m.recovery.collapse_depth(store.latency_s)
             await outage(m, store, clock, rec)
@@ -542,7 +542,7 @@ def test_a_lease_the_store_forgot_is_recovered_through_the_queue(loop: str) -> N
     async def body() -> None:
         clock = ScaledClock(speed=SPEED)
         store = FakeLeaseStore(clock)
-        cfg = replace(CFG, hosts=4)
+        cfg = CFG.model_validate({**dict(CFG), "hosts": 4})
         api: LeaseApi = store
         async with HostManager(clock, api, cfg) as m:
             await wait_for(lambda: m.renewals["ok"] >= cfg.hosts, within=wall(2 * cfg.renew_interval_s))
@@ -582,7 +582,7 @@ def test_config_validation_names_the_field(change: dict[str, Any], field: str) -
 def test_the_shell_offers_a_dropped_host_again_later_and_counts_the_drop() -> None:
     clock = ManualClock()
     registry = CollectorRegistry()
-    cfg = replace(CFG, hosts=10, hard_cap=4)
+    cfg = CFG.model_validate({**dict(CFG), "hosts": 10, "hard_cap": 4})
     m = HostManager(clock, FakeLeaseStore(clock), cfg, registry)
     clock.set(max(m.lease_table.expiry(h) for h in m.lease_table.hosts) + 1.0)  # every lease lapsed
 

@@ -118,10 +118,10 @@ def test_admission_control_rejects_at_max_depth() -> None:
     q.set_max_depth(None)
     fill(q, 50, at=1.0)
     assert q.depth == 52 and q.rejected == 2
-    q.set_max_depth(0)
+    q.set_max_depth(1)
     assert not q.enqueue(launch("f", 1.0), 1.0)
     with pytest.raises(ValueError, match="max_depth"):
-        q.set_max_depth(-1)
+        q.set_max_depth(0)  # the settings' rule: admission control admits at least one item
 
 
 def test_hard_cap_drops_new_items_and_counts_them_apart_from_admission() -> None:

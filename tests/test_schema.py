@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 
 from backends.controlplane import hostmanager, netmanager
 from scenarios.schema import (
     Event,
+    Scenario,
     ScenarioError,
     builtin_names,
     event_conflict,
@@ -57,13 +62,18 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: explode}}]\n",
          "timeline.0.control", "must be one of ['delay-enactor'"),
         ("name: x\ncontrol_plane: {network_manager: {rate_per_s: -2}}\n", "control_plane.network_manager.rate_per_s",
-         "greater than 0"),
+         "greater than or equal to 0"),  # 0 is a stalled network manager
+        ("name: x\ntimeline: [{at: 5, backend: {mode: slow}}]\n", "timeline.0.backend", "mode slow needs latency_s"),
+        ("name: x\ntimeline: [{at: 5, backend: {mode: hang, status: 500}}]\n", "timeline.0.backend",
+         "mode hang does not take status (it takes capacity_per_s, deep_ok, error_rate, work_latency_s)"),
+        ("name: x\ntimeline: [{at: 5, backend: {mode: slow, latency_s: -1}}]\n", "timeline.0.backend.latency_s",
+         "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {network_manager: {hard_cap: 0}}\n", "control_plane.network_manager.hard_cap",
          "greater than or equal to 1"),
         ("name: x\ncontrol_plane: {host_manager: {hard_cap: 0}}\n", "control_plane.host_manager.hard_cap",
          "greater than or equal to 1"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: network_manager, action: set-rate, "
-         "rate_per_s: -1}}]\n", "timeline.0.control.rate_per_s", "greater than 0"),
+         "rate_per_s: -1}}]\n", "timeline.0.control.rate_per_s", "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: -5, control: {component: dns, action: restore}}]\n",
          "timeline.0.at", "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {}\ntimeline: [{at: 1, control: {component: dns, action: delay-enactor, "
@@ -98,7 +108,7 @@ def write(tmp_path: Path, text: str) -> str:
         ("name: x\ncontrol_plane: {network_manager: {partial_period_s: -1}}\n",
          "control_plane.network_manager.partial_period_s", "greater than or equal to 0"),
         ("name: x\ncontrol_plane: {network_manager: {partial_period_s: 0.0000001}}\n",
-         "control_plane.network_manager", "period_s must be 0 or at least 0.001 sim s"),
+         "control_plane.network_manager", "period_s: must be 0 or at least 0.001 sim s"),
         # a path parameter its state does not take, or one it needs, caught on load rather than mid-run
         ("name: x\ntimeline: [{at: 1, zone: a, path: {state: open, period_s: 2}}]\n", "timeline.0.path",
          "path state open does not take period_s (it takes no parameters)"),
@@ -251,12 +261,41 @@ def test_a_fleet_may_start_empty_if_something_adds_targets() -> None:
     assert launched.timeline[0].targets == ["a-i0"]
 
 
-def test_the_queues_hard_caps_default_to_the_cores_and_can_be_set() -> None:
-    cp = parse_scenario({**BASE, "control_plane": {"network_manager": {"hard_cap": 7}}}, "f").control_plane
+def test_the_control_plane_specs_are_the_components_own_configs() -> None:
+    """One rule each: a scenario's control_plane sections are the components' settings models, and the
+    component's full config is built from them without losing a value."""
+    sections = {"network_manager": {"hard_cap": 7, "partial_s": 3}, "host_manager": {"hosts": 9, "lease_ttl_s": 130}}
+    cp = parse_scenario({**BASE, "control_plane": sections}, "f").control_plane
     assert cp is not None
-    assert cp.host_manager.hard_cap == hostmanager.DEFAULT_HARD_CAP == hostmanager.HostManagerConfig().hard_cap
-    assert netmanager.NetworkManagerConfig().hard_cap == netmanager.DEFAULT_HARD_CAP
-    assert cp.network_manager.hard_cap == 7
+    assert isinstance(cp.host_manager, hostmanager.HostManagerSettings)
+    assert isinstance(cp.network_manager, netmanager.NetworkManagerSettings)
+    assert cp.host_manager.hard_cap == hostmanager.DEFAULT_HARD_CAP
+    hm = hostmanager.HostManagerConfig.from_settings(cp.host_manager, key_prefix="k-")
+    assert (hm.hosts, hm.lease_ttl_s, hm.key_prefix) == (9, 130, "k-")
+    assert dict(hm).items() >= dict(cp.host_manager).items()
+    nm = netmanager.NetworkManagerConfig.from_settings(cp.network_manager)
+    assert (nm.hard_cap, nm.partial_s, nm.tick_s) == (7, 3, netmanager.NetworkManagerConfig().tick_s)
+    # The component's rule, in the scenario's words: a path, a field and what is allowed.
+    with pytest.raises(ScenarioError, match=r"control_plane.host_manager: lease_ttl_s \* \(1 - ttl_spread\)"):
+        parse_scenario({**BASE, "control_plane": {"host_manager": {"lease_ttl_s": 60}}}, "f")
+    with pytest.raises(ValueError, match="lease_ttl_s"):
+        hostmanager.HostManagerConfig(lease_ttl_s=60)
+
+
+def test_the_json_schema_states_every_bound_in_json_schema_terms() -> None:
+    """Editors and generators read `exclusiveMinimum`, not pydantic's `gt`: a bound under the wrong name is
+    silently ignored, and the schema then accepts what `validate` refuses."""
+    schema = Scenario.model_json_schema()
+    text = json.dumps(schema)
+    for pydantic_name in ('"gt"', '"ge"', '"lt"', '"le"'):
+        assert pydantic_name not in text
+    validator = jsonschema.Draft202012Validator(schema)
+    for name in builtin_names():
+        text = resources.files("scenarios.library").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+        assert not list(validator.iter_errors(yaml.safe_load(text))), name
+    for bad in [{"health_check": {"interval_s": 0}}, {"traffic": {"rate_per_s": 5001}},
+                {"control_plane": {"host_manager": {"hosts": 0}}}, {"health_check": {"jitter": 1}}]:
+        assert list(validator.iter_errors({"name": "x", **bad})), bad
 
 
 def test_zone_names_with_dashes_and_digits_make_target_ids() -> None:
@@ -355,3 +394,15 @@ def test_ground_truth_flap_threshold_is_a_share_above_zero() -> None:
     for bad in (0, 1.5):
         with pytest.raises(ScenarioError, match=r"(?s)f: .*ground_truth\.flap_can_serve_below"):
             parse_scenario({**BASE, "ground_truth": {"flap_can_serve_below": bad}}, "f")
+
+
+def test_control_actions_set_values_by_the_components_own_rules(tmp_path: Path) -> None:
+    """An action may set what the component's settings allow, and no more: a stalled network manager (rate 0)
+    can be configured and set alike; a throttle must be positive, said once."""
+    sc = parse_scenario({**BASE, "control_plane": {"network_manager": {"rate_per_s": 0}}, "timeline": [
+        {"at": 1, "control": {"component": "network_manager", "action": "set-rate", "rate_per_s": 0}}]}, "f")
+    assert sc.timeline[0].control is not None and sc.timeline[0].control.params() == {"rate_per_s": 0}
+    with pytest.raises(ScenarioError) as ei:
+        parse_scenario({**BASE, "control_plane": {}, "timeline": [
+            {"at": 1, "control": {"component": "host_manager", "action": "throttle", "per_s": -1}}]}, "f")
+    assert str(ei.value).splitlines()[1:] == ["  timeline.0.control.per_s: must be greater than 0 (got -1)"]

@@ -45,10 +45,13 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AfterValidator, Field
+
+from backends.config import ConfigModel, Fraction, Seconds, Whole
 from backends.controlplane.dnsplan import (
     Enactor,
     EnactorState,
@@ -69,23 +72,13 @@ class RaceMode(StrEnum):
     EMERGENT = "emergent"
 
 
-@dataclass(frozen=True, slots=True)
-class RaceConfig:
+class RaceConfig(ConfigModel):
     """How enactor writes are delayed: forced (injected delays, choreographed landing) or emergent (drawn)."""
 
     mode: RaceMode = RaceMode.FORCED
-    delay_probability: float = 0.05  # emergent: the chance that one write hangs
-    delay_mean_s: float = 15.0  # emergent: mean of the exponential extra time of a hung write
-    delay_max_s: float = 120.0  # emergent: no write hangs longer than this
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", RaceMode(self.mode))
-        if not 0.0 <= self.delay_probability <= 1.0:
-            raise ValueError(f"delay_probability must lie within 0-1, got {self.delay_probability}")
-        if self.delay_mean_s <= 0:
-            raise ValueError(f"delay_mean_s must be > 0, got {self.delay_mean_s}")
-        if self.delay_max_s < 0:
-            raise ValueError(f"delay_max_s must be >= 0, got {self.delay_max_s}")
+    delay_probability: Annotated[Fraction, Field(ge=0, le=1)] = 0.05  # emergent: the chance that one write hangs
+    delay_mean_s: Annotated[Seconds, Field(gt=0)] = 15.0  # emergent: mean of a hung write's exponential extra time
+    delay_max_s: Annotated[Seconds, Field(ge=0)] = 120.0  # emergent: no write hangs longer than this
 
     def draw_delay(self, rng: random.Random) -> float:
         """The extra time of one write in the emergent mode (0.0 in the forced mode, without drawing)."""
@@ -94,29 +87,33 @@ class RaceConfig:
         return min(rng.expovariate(1.0 / self.delay_mean_s), self.delay_max_s)
 
 
-@dataclass(frozen=True, slots=True)
-class AutomationConfig:
-    """Timing and policy of the planner and the enactors."""
+def _distinct(names: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(names)) != len(names):
+        raise ValueError(f"enactor names must be distinct, got {list(names)}")
+    return names
 
-    planner_interval_s: float = 5.0
-    enactors: tuple[str, ...] = ("a", "b", "c")
-    apply_time_s: float = 0.5  # per endpoint write
-    retry_s: float = 1.0  # wait after a failed attempt
-    enactor_poll_s: float = 1.0  # how often an idle enactor looks for a newer plan
-    keep_generations: int = 3
-    protections: Protections = field(default_factory=Protections)
-    race: RaceConfig = field(default_factory=RaceConfig)
 
-    def __post_init__(self) -> None:
-        for name in ("planner_interval_s", "retry_s", "enactor_poll_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.apply_time_s < 0:
-            raise ValueError(f"apply_time_s must be >= 0, got {self.apply_time_s}")
-        if self.keep_generations < 0:
-            raise ValueError(f"keep_generations must be >= 0, got {self.keep_generations}")
-        if not self.enactors or len(set(self.enactors)) != len(self.enactors):
-            raise ValueError(f"enactors must be distinct and at least one, got {self.enactors}")
+# One per zone, as AWS runs one per AZ.
+EnactorNames = Annotated[tuple[str, ...], Field(min_length=1), AfterValidator(_distinct)]
+
+
+class DnsTiming(ConfigModel):
+    """The planner's and the enactors' timing, the protections and the race, in sim seconds (a scenario's
+    `control_plane.dns` adds the records' TTL: `dnsservice.DnsSettings`)."""
+
+    planner_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
+    apply_time_s: Annotated[Seconds, Field(ge=0)] = 0.5  # per endpoint write
+    retry_s: Annotated[Seconds, Field(gt=0)] = 1.0  # wait after a failed attempt
+    enactor_poll_s: Annotated[Seconds, Field(gt=0)] = 1.0  # how often an idle enactor looks for a newer plan
+    keep_generations: Annotated[Whole, Field(ge=0, le=1000)] = 3
+    protections: Protections = Protections()
+    race: RaceConfig = RaceConfig()
+
+
+class AutomationConfig(DnsTiming):
+    """Timing and policy of the planner and the enactors, and the enactors' names."""
+
+    enactors: EnactorNames = ("a", "b", "c")
 
 
 class Phase(StrEnum):

@@ -45,6 +45,11 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field
+
+from backends.config import ConfigModel, Flag, Fraction
 
 # An endpoint's record set: address -> weight.
 Records = Mapping[str, int]
@@ -65,18 +70,13 @@ class Plan:
     records: Mapping[str, Records]
 
 
-@dataclass(frozen=True, slots=True)
-class Protections:
-    """Which of the three protections are on; all off reproduces the AWS behaviour."""
+class Protections(ConfigModel):
+    """Which of the three protections are on; all off reproduces the AWS behaviour (the 2025-10-20 race)."""
 
-    cas: bool = False
-    keep_active: bool = False
-    guard: bool = False
-    min_fraction: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_fraction <= 1.0:
-            raise ValueError(f"min_fraction must lie within 0-1, got {self.min_fraction}")
+    cas: Flag = False
+    keep_active: Flag = False
+    guard: Flag = False
+    min_fraction: Annotated[Fraction, Field(ge=0, le=1)] = 0.5
 
 
 class WriteOutcome(StrEnum):

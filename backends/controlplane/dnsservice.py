@@ -19,15 +19,16 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from pydantic import Field
 
+from backends.config import WholeSeconds
 from backends.controlplane.clock import SimClock
-from backends.controlplane.dnsautomation import AutomationConfig, DnsAutomation, RaceConfig
-from backends.controlplane.dnsplan import Event, Plan, Planner, PlanStore, Protections, Records, WriteOutcome
+from backends.controlplane.dnsautomation import AutomationConfig, DnsAutomation, DnsTiming, EnactorNames
+from backends.controlplane.dnsplan import Event, Plan, Planner, PlanStore, Records, WriteOutcome
 from backends.controlplane.dnsserver import HOST, DnsServer
 
 log = logging.getLogger(__name__)
@@ -35,38 +36,22 @@ log = logging.getLogger(__name__)
 EventHook = Callable[[str, dict[str, Any]], None]
 
 
-@dataclass(frozen=True, slots=True)
-class DnsServiceConfig:
-    """Timing and policy of the DNS automation (checked by `AutomationConfig`) and how DNS serves it; every
-    duration in sim seconds."""
+class DnsSettings(DnsTiming):
+    """The DNS automation's settings (a scenario's `control_plane.dns`): its timing, protections and race
+    (`dnsautomation.DnsTiming`) and the TTL of every endpoint's record, in sim seconds."""
+
+    ttl_s: Annotated[WholeSeconds, Field(ge=0, le=86400)] = 5
+
+
+class DnsServiceConfig(DnsSettings):
+    """The settings, the zone and the enactors' names."""
 
     zone_suffix: str = "cp.lbsim"
-    planner_interval_s: float = 5.0
-    enactors: tuple[str, ...] = ("a", "b", "c")  # one per zone
-    apply_time_s: float = 0.5  # per endpoint write
-    retry_s: float = 1.0  # wait after a failed attempt
-    enactor_poll_s: float = 1.0  # how often an idle enactor looks for a newer plan
-    keep_generations: int = 3
-    ttl_s: int = 60
-    protections: Protections = field(default_factory=Protections)
-    race: RaceConfig = field(default_factory=RaceConfig)
-
-    def __post_init__(self) -> None:
-        self.automation()  # the timing rules are checked where they live
-        if self.ttl_s < 0:
-            raise ValueError(f"ttl_s must be >= 0, got {self.ttl_s}")
+    enactors: EnactorNames = ("a", "b", "c")
 
     def automation(self) -> AutomationConfig:
-        return AutomationConfig(
-            planner_interval_s=self.planner_interval_s,
-            enactors=self.enactors,
-            apply_time_s=self.apply_time_s,
-            retry_s=self.retry_s,
-            enactor_poll_s=self.enactor_poll_s,
-            keep_generations=self.keep_generations,
-            protections=self.protections,
-            race=self.race,
-        )
+        """What the pure core takes: every field but the zone and the TTL, already checked by the same rules."""
+        return AutomationConfig.from_settings(self)
 
     def fqdn(self, label: str) -> str:
         """The name of an endpoint in the zone: fqdn("leasestore") -> "leasestore.cp.lbsim"."""

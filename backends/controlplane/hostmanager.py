@@ -60,12 +60,14 @@ import math
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol, Self
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import Field, model_validator
 
+from backends.config import ConfigModel, Fraction, MaxDepth, Rate, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
 
 log = logging.getLogger(__name__)
@@ -119,19 +121,10 @@ class Offer(StrEnum):
     DROPPED = "dropped"  # the hard cap (a safety bound, not the modelled admission control)
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _non_negative(name: str, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _check_hard_cap(hard_cap: int) -> None:
-    if hard_cap < 1:
-        raise ValueError(f"hard_cap must be >= 1, got {hard_cap}")
+def _check(**values: object) -> None:
+    """The settings' rules (HostManagerSettings) for values handed to a core object directly, not by a config;
+    ValueError names the field."""
+    validated(HostManagerSettings, values)
 
 
 def host_ids(hosts: int) -> list[str]:
@@ -151,20 +144,9 @@ class HostLeases:
         now: float = 0.0,
         retry_s: float | None = None,
     ) -> None:
-        if hosts < 1:
-            raise ValueError(f"hosts must be >= 1, got {hosts}")
-        _positive("lease_ttl_s", lease_ttl_s)
-        _positive("renew_interval_s", renew_interval_s)
-        if not 0.0 <= ttl_spread < 1.0:
-            raise ValueError(f"ttl_spread must lie within [0, 1), got {ttl_spread}")
-        if lease_ttl_s * (1.0 - ttl_spread) <= renew_interval_s:
-            # Otherwise the shortest leases lapse between two successful renewals.
-            raise ValueError(
-                f"lease_ttl_s * (1 - ttl_spread) = {lease_ttl_s * (1.0 - ttl_spread)} must exceed "
-                f"renew_interval_s = {renew_interval_s}"
-            )
         self.retry_s = renew_interval_s / 4.0 if retry_s is None else retry_s
-        _positive("retry_s", self.retry_s)
+        _check(hosts=hosts, lease_ttl_s=lease_ttl_s, renew_interval_s=renew_interval_s, ttl_spread=ttl_spread,
+               retry_s=self.retry_s)
         self.lease_ttl_s = lease_ttl_s
         self.renew_interval_s = renew_interval_s
         self.ttl_spread = ttl_spread
@@ -271,8 +253,7 @@ class Placement:
     """Where new instances launch: on leased hosts only, `slots_per_host` each (rule 3)."""
 
     def __init__(self, leases: HostLeases, slots_per_host: int) -> None:
-        if slots_per_host < 1:
-            raise ValueError(f"slots_per_host must be >= 1, got {slots_per_host}")
+        _check(slots_per_host=slots_per_host)
         self.leases = leases
         self.slots_per_host = slots_per_host
         self._host_of: dict[str, str] = {}
@@ -329,12 +310,8 @@ class RecoveryQueue:
         throttle_per_s: float | None = None,
         hard_cap: int = DEFAULT_HARD_CAP,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        _check_hard_cap(hard_cap)
-        _positive("item_timeout_s", item_timeout_s)
-        _non_negative("base_service_s", base_service_s)
-        _non_negative("per_depth_s", per_depth_s)
+        _check(workers=workers, item_timeout_s=item_timeout_s, base_service_s=base_service_s,
+               per_depth_s=per_depth_s, hard_cap=hard_cap)
         self.workers = workers
         self.item_timeout_s = item_timeout_s
         self.base_service_s = base_service_s
@@ -393,16 +370,14 @@ class RecoveryQueue:
 
     def set_throttle(self, per_s: float | None) -> None:
         """Limit intake to `per_s` items per sim-second (None: no limit); the bucket starts full."""
-        if per_s is not None:
-            _positive("throttle_per_s", per_s)
+        _check(throttle_per_s=per_s)
         self.throttle_per_s = per_s
         self._burst = max(1.0, per_s) if per_s is not None else 0.0
         self._tokens = self._burst
         self._refilled_at: float | None = None
 
     def set_max_depth(self, n: int | None) -> None:
-        if n is not None and n < 1:
-            raise ValueError(f"max_depth must be >= 1, got {n}")
+        _check(max_depth=n)
         self.max_depth = n
 
     # -- work
@@ -477,43 +452,40 @@ class RecoveryQueue:
 # -- the asyncio shell
 
 
-@dataclass(frozen=True, slots=True)
-class HostManagerConfig:
-    hosts: int = 60
-    lease_ttl_s: float = 300.0
-    renew_interval_s: float = 60.0
-    ttl_spread: float = 0.5
-    renew_concurrency: int = 16
-    workers: int = 4
-    item_timeout_s: float = 10.0
-    base_service_s: float = 1.0
-    per_depth_s: float = 0.5
-    max_depth: int | None = None
-    throttle_per_s: float | None = None
-    retry_s: float = 5.0  # renewal retries, offers rejected for depth and failed acquires wait this long
-    slots_per_host: int = 4
-    key_prefix: str = "host-"
-    hard_cap: int = DEFAULT_HARD_CAP  # recovery items beyond it are dropped: a memory bound, not admission control
+class HostManagerSettings(ConfigModel):
+    """The host manager's tunables (a scenario's `control_plane.host_manager`), in sim seconds."""
 
-    def __post_init__(self) -> None:
-        for name in ("hosts", "renew_concurrency", "workers", "slots_per_host"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lease_ttl_s", "renew_interval_s", "item_timeout_s", "retry_s"):
-            _positive(name, getattr(self, name))
-        _non_negative("base_service_s", self.base_service_s)
-        _non_negative("per_depth_s", self.per_depth_s)
-        if not 0.0 <= self.ttl_spread < 1.0:
-            raise ValueError(f"ttl_spread must lie within [0, 1), got {self.ttl_spread}")
-        if self.lease_ttl_s * (1.0 - self.ttl_spread) <= self.renew_interval_s:
-            raise ValueError("lease_ttl_s * (1 - ttl_spread) must exceed renew_interval_s")
-        if self.max_depth is not None and self.max_depth < 1:
-            raise ValueError(f"max_depth must be >= 1 or None, got {self.max_depth}")
-        if self.throttle_per_s is not None:
-            _positive("throttle_per_s", self.throttle_per_s)
-        _check_hard_cap(self.hard_cap)
-        if not self.key_prefix:
-            raise ValueError("key_prefix must not be empty")
+    hosts: Annotated[Whole, Field(ge=1, le=5000)] = 60
+    lease_ttl_s: Annotated[Seconds, Field(gt=0)] = 300.0
+    renew_interval_s: Annotated[Seconds, Field(gt=0)] = 60.0
+    ttl_spread: Annotated[Fraction, Field(ge=0, lt=1)] = 0.5
+    renew_concurrency: Annotated[Whole, Field(ge=1, le=1000)] = 16
+    workers: Annotated[Whole, Field(ge=1, le=1000)] = 4
+    item_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
+    base_service_s: Annotated[Seconds, Field(ge=0)] = 1.0
+    per_depth_s: Annotated[Seconds, Field(ge=0)] = 0.5
+    max_depth: MaxDepth | None = None
+    throttle_per_s: Rate | None = None
+    retry_s: Annotated[Seconds, Field(gt=0)] = 5.0  # renewal retries, offers rejected for depth, failed acquires
+    slots_per_host: Annotated[Whole, Field(ge=1, le=1000)] = 4
+    # A memory bound on the recovery queue, not the modelled admission control (`max_depth`): beyond it new
+    # items are dropped and counted (lbsim_host_recovery_dropped_total).
+    hard_cap: Annotated[Whole, Field(ge=1)] = DEFAULT_HARD_CAP
+
+    @model_validator(mode="after")
+    def _leases_outlive_renewals(self) -> Self:
+        # Otherwise the shortest leases lapse between two successful renewals.
+        shortest = self.lease_ttl_s * (1.0 - self.ttl_spread)
+        if shortest <= self.renew_interval_s:
+            raise ValueError(f"lease_ttl_s * (1 - ttl_spread) = {shortest:g} must exceed renew_interval_s = "
+                             f"{self.renew_interval_s:g}, or the shortest leases lapse between two renewals")
+        return self
+
+
+class HostManagerConfig(HostManagerSettings):
+    """The settings, and the lease keys' prefix in the lease store."""
+
+    key_prefix: Annotated[str, Field(min_length=1)] = "host-"
 
 
 EventHook = Callable[[str, dict[str, Any]], None]

@@ -33,16 +33,17 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import Field
 
+from backends.config import ConfigModel, Number, Rate, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
 from backends.controlplane.netmanager import NetworkManager
 from backends.fleet import Targets, UnknownTarget
@@ -115,12 +116,17 @@ class Instance:
         return None if start is None or end is None else end - start
 
 
+def _check(**values: object) -> None:
+    """The config's rules (InstanceConfig) for values handed to the core or an operator knob directly;
+    ValueError names the field."""
+    validated(InstanceConfig, values)
+
+
 class Autoscaler:
     """Rule 3: how many instances to launch now in each zone."""
 
     def __init__(self, desired: Mapping[str, int], max_launch_per_tick: int) -> None:
-        if max_launch_per_tick < 0:
-            raise ValueError(f"max_launch_per_tick must be >= 0, got {max_launch_per_tick}")
+        _check(max_launch_per_tick=max_launch_per_tick)
         self._desired: dict[str, int] = {}
         for zone, n in desired.items():
             self.set_desired(zone, n)
@@ -167,10 +173,7 @@ class LaunchThrottle:
     def set_rate(self, rate_per_s: float | None, burst: float | None = None, now: float | None = None) -> None:
         """Change the throttle (operators relaxing it, as from 11:23 on 2025-10-20); burst defaults to one
         second's worth, at least one request. The bucket starts full."""
-        if rate_per_s is not None and not (math.isfinite(rate_per_s) and rate_per_s >= 0):
-            raise ValueError(f"launch rate must be a finite number >= 0 or None, got {rate_per_s}")
-        if burst is not None and not (math.isfinite(burst) and burst >= 1):
-            raise ValueError(f"launch burst must be a finite number >= 1, got {burst}")
+        _check(launch_rate_per_s=rate_per_s, launch_burst=burst)
         self._rate = rate_per_s
         self._burst = burst if burst is not None else max(1.0, rate_per_s or 0.0)
         self._tokens = self._burst
@@ -214,27 +217,23 @@ class LaunchResult:
     instance_id: str | None = None  # None when nothing was created
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceConfig:
-    """Instance fleet settings, in sim seconds."""
 
-    launch_time_s: float = 2.0
-    launch_rate_per_s: float | None = None  # the API throttle; None = unthrottled
-    launch_burst: float | None = None  # None: one second's worth of launch_rate_per_s, at least 1
-    autoscale_interval_s: float = 5.0
-    max_launch_per_tick: int = 5
-    max_terminated: int = 10_000  # terminated records kept (rule 5)
 
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.launch_time_s) and self.launch_time_s >= 0):
-            raise ValueError(f"launch_time_s must be a finite number >= 0, got {self.launch_time_s}")
-        if not (math.isfinite(self.autoscale_interval_s) and self.autoscale_interval_s > 0):
-            raise ValueError(f"autoscale_interval_s must be a finite number > 0, got {self.autoscale_interval_s}")
-        if self.max_launch_per_tick < 0:
-            raise ValueError(f"max_launch_per_tick must be >= 0, got {self.max_launch_per_tick}")
-        if self.max_terminated < 1:
-            raise ValueError(f"max_terminated must be >= 1, got {self.max_terminated}")
-        LaunchThrottle(self.launch_rate_per_s, self.launch_burst)  # validates both
+class InstanceSettings(ConfigModel):
+    """The instance fleet's tunables (a scenario's `control_plane.instances`), in sim seconds."""
+
+    launch_time_s: Annotated[Seconds, Field(ge=0)] = 2.0
+    launch_rate_per_s: Rate | None = None  # the API throttle; None = unthrottled
+    autoscale_interval_s: Annotated[Seconds, Field(gt=0)] = 5.0
+    max_launch_per_tick: Annotated[Whole, Field(ge=0, le=1000)] = 5
+
+
+class InstanceConfig(InstanceSettings):
+    """The settings, the throttle's burst and a memory bound."""
+
+    # None: one second's worth of launch_rate_per_s, at least 1 (a smaller bucket never holds a whole token)
+    launch_burst: Annotated[Number, Field(ge=1)] | None = None
+    max_terminated: Annotated[Whole, Field(ge=1)] = 10_000  # terminated records kept (rule 5)
 
 
 @dataclass(frozen=True, slots=True)

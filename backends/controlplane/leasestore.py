@@ -34,14 +34,16 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import Field
 
 from backends._sockets import BACKLOG, HOST
+from backends.config import ConfigModel, Number, Rate, Seconds, validated
 from backends.controlplane.clock import SimClock
 
 # Keys travel in URL paths: a plain charset needs no quoting on either side.
@@ -58,10 +60,10 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-def _non_negative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+def _check(**values: object) -> None:
+    """The settings' rules (LeaseStoreSettings) for values handed to the core or an operator knob directly;
+    ValueError names the field."""
+    validated(LeaseStoreSettings, values)
 
 
 def _expected(value: object) -> int | None:
@@ -70,6 +72,17 @@ def _expected(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected_version must be null or an integer >= 0, got {value!r}")
     return value
+
+
+
+
+class LeaseStoreSettings(ConfigModel):
+    """The lease store's service model (a scenario's `control_plane.lease_store`); keyword arguments of
+    `LeaseStoreServer`."""
+
+    capacity_per_s: Rate = 200.0
+    base_latency_s: Annotated[Seconds, Field(ge=0)] = 0.005
+    load_latency_factor: Annotated[Number, Field(ge=0)] = 4.0
 
 
 # -- pure core
@@ -171,7 +184,8 @@ class TokenBucket:
     """`rate_per_s` tokens a second up to `burst`; it starts full at the first call's `now`."""
 
     def __init__(self, rate_per_s: float, burst: float) -> None:
-        self.rate_per_s = _positive("capacity (rate_per_s)", rate_per_s)
+        _check(capacity_per_s=rate_per_s)
+        self.rate_per_s = float(rate_per_s)
         self.burst = self._check_burst(burst)
         self._tokens = self.burst
         self._last: float | None = None
@@ -208,7 +222,7 @@ class TokenBucket:
 
     def set_rate(self, rate_per_s: float, now: float, burst: float | None = None) -> None:
         """New rate (and burst); tokens earned so far at the old rate are kept, up to the new burst."""
-        rate_per_s = _positive("capacity (rate_per_s)", rate_per_s)
+        _check(capacity_per_s=rate_per_s)
         new_burst = self.burst if burst is None else self._check_burst(burst)
         self._refill(now)
         self.rate_per_s, self.burst = rate_per_s, new_burst
@@ -224,8 +238,8 @@ class LatencyModel:
     """Rule 6: remembers admissions in the trailing window and prices the next request from them."""
 
     def __init__(self, base_latency_s: float, load_factor: float, window_s: float = 1.0) -> None:
-        self.base_latency_s = _non_negative("base_latency_s", base_latency_s)
-        self.load_factor = _non_negative("load_latency_factor", load_factor)
+        _check(base_latency_s=base_latency_s, load_latency_factor=load_factor)
+        self.base_latency_s, self.load_factor = float(base_latency_s), float(load_factor)
         self.window_s = _positive("window_s", window_s)
         # Admission times; bounded by what the bucket admits in a window (burst + rate x window).
         self._admitted: collections.deque[float] = collections.deque()
@@ -309,7 +323,7 @@ class LeaseStoreServer:
         window_s: float = 1.0,
         sweep_interval_s: float = 1.0,
     ) -> None:
-        capacity_per_s = _positive("capacity_per_s", capacity_per_s)
+        _check(capacity_per_s=capacity_per_s)
         if max_in_flight is not None and (isinstance(max_in_flight, bool) or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
         self.clock = clock
@@ -346,7 +360,7 @@ class LeaseStoreServer:
         return given if given is not None else max(1, math.ceil(2 * self.capacity_per_s))
 
     def set_capacity(self, rate_per_s: float) -> None:
-        rate_per_s = _positive("capacity_per_s", rate_per_s)
+        _check(capacity_per_s=rate_per_s)
         self.bucket.set_rate(rate_per_s, self.clock.now(), self._burst_for(rate_per_s))
 
     def outage(self, on: bool) -> None:

@@ -35,11 +35,14 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated, Self
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import Field, model_validator
 
+from backends.config import ConfigModel, Fraction, MaxDepth, PerSecond, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
 from backends.netpath import PathConfig
 
@@ -82,22 +85,10 @@ class Processed:
         return self.at - self.item.enqueued_at
 
 
-def _check_rate(rate_per_s: float) -> float:
-    if not (math.isfinite(rate_per_s) and rate_per_s >= 0):
-        raise ValueError(f"rate_per_s must be a finite number >= 0, got {rate_per_s}")
-    return float(rate_per_s)
-
-
-def _check_hard_cap(hard_cap: int) -> int:
-    if hard_cap < 1:
-        raise ValueError(f"hard_cap must be >= 1, got {hard_cap}")
-    return hard_cap
-
-
-def _check_depth(max_depth: int | None) -> int | None:
-    if max_depth is not None and max_depth < 0:
-        raise ValueError(f"max_depth must be >= 0 or None, got {max_depth}")
-    return max_depth
+def _check(**values: object) -> None:
+    """The settings' rules (NetworkManagerSettings) for values handed to the core directly, not by a config;
+    ValueError names the field."""
+    validated(NetworkManagerSettings, values)
 
 
 class PropagationQueue:
@@ -110,11 +101,10 @@ class PropagationQueue:
         partial_s: float = 0.0,
         hard_cap: int = DEFAULT_HARD_CAP,
     ) -> None:
-        if not (math.isfinite(partial_s) and partial_s >= 0):
-            raise ValueError(f"partial_s must be a finite number >= 0, got {partial_s}")
-        self._rate = _check_rate(rate_per_s)
-        self._max_depth = _check_depth(max_depth)
-        self.hard_cap = _check_hard_cap(hard_cap)
+        _check(rate_per_s=rate_per_s, max_depth=max_depth, partial_s=partial_s, hard_cap=hard_cap)
+        self._rate = float(rate_per_s)
+        self._max_depth = max_depth
+        self.hard_cap = hard_cap
         self.partial_s = float(partial_s)
         self._items: collections.deque[Item] = collections.deque()
         self._credit = 0.0
@@ -176,14 +166,16 @@ class PropagationQueue:
 
     def set_rate(self, rate_per_s: float, now: float | None = None) -> None:
         """Change the rate; with `now`, the busy time up to `now` is credited at the old rate first (rule 5)."""
-        rate = _check_rate(rate_per_s)
+        _check(rate_per_s=rate_per_s)
+        rate = float(rate_per_s)
         if now is not None:
             self._accrue(now)
         self._rate = rate
 
     def set_max_depth(self, max_depth: int | None) -> None:
         """Change admission control; items already queued stay (they were admitted)."""
-        self._max_depth = _check_depth(max_depth)
+        _check(max_depth=max_depth)
+        self._max_depth = max_depth
 
     def partial_until(self, instance_id: str) -> float | None:
         """End of the instance's partial window, None if it has none open."""
@@ -210,20 +202,23 @@ class PropagationQueue:
 Apply = Callable[[str, str, dict[str, float]], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkManagerConfig:
-    """Network manager settings, in sim seconds."""
+# Also the rule of `set_rate`, which operators use at run time; 0: nothing propagates (a stalled manager).
+PropagationRate = Annotated[PerSecond, Field(ge=0)]
 
-    rate_per_s: float = 2.0
-    max_depth: int | None = None
-    partial_s: float = 0.0
-    partial_loss: float = 0.4  # the `flap` loss during a partial window; >= 0.5 makes the target not serve
-    # The `flap` slot during a partial window (NetPath `period_s`): 0 = loss per connection, > 0 = the path is
-    # up or down for whole slots of this many sim seconds, a pattern fixed by the seed and sim time.
-    partial_period_s: float = 0.0
-    tick_s: float = 0.25
-    backlog_threshold: int = 1  # depth at which a backlog "starts"; it "clears" when the queue is empty
-    hard_cap: int = DEFAULT_HARD_CAP  # items beyond it are dropped: a memory bound, not admission control
+
+class NetworkManagerSettings(ConfigModel):
+    """The network manager's tunables (a scenario's `control_plane.network_manager`), in sim seconds."""
+
+    rate_per_s: PropagationRate = 2.0
+    max_depth: MaxDepth | None = None
+    partial_s: Annotated[Seconds, Field(ge=0)] = 0.0
+    partial_loss: Annotated[Fraction, Field(ge=0, le=1)] = 0.4  # a partial window's `flap` loss; >= 0.5: no serving
+    # 0: partial paths lose each connection with probability partial_loss; > 0: they are up or down for whole
+    # slots of this many sim seconds, the same pattern in every run of a seed at every speed (NetPath `period_s`).
+    partial_period_s: Annotated[Seconds, Field(ge=0)] = 0.0
+    # A memory bound on the backlog, not the modelled admission control (`max_depth`): beyond it new items are
+    # dropped and counted (lbsim_netmanager_dropped_total).
+    hard_cap: Annotated[Whole, Field(ge=1)] = DEFAULT_HARD_CAP
 
     def partial_flap(self) -> dict[str, float]:
         """The `flap` parameters a path gets during its partial window."""
@@ -231,20 +226,21 @@ class NetworkManagerConfig:
             return {"loss": self.partial_loss, "period_s": self.partial_period_s}
         return {"loss": self.partial_loss}
 
-    def __post_init__(self) -> None:
-        _check_rate(self.rate_per_s)
-        _check_depth(self.max_depth)
-        _check_hard_cap(self.hard_cap)
-        if not (math.isfinite(self.partial_s) and self.partial_s >= 0):
-            raise ValueError(f"partial_s must be a finite number >= 0, got {self.partial_s}")
+    @model_validator(mode="after")
+    def _flap_fits_a_path(self) -> Self:
+        # The path's own rules, so a bad flap fails here rather than mid-run when a partial window opens.
         try:
-            PathConfig.parse("flap", self.partial_flap())  # the path's own rules, so a bad one fails here, not mid-run
+            PathConfig.parse("flap", self.partial_flap())
         except ValueError as exc:
             raise ValueError(f"partial_loss / partial_period_s: {exc}") from None
-        if not (math.isfinite(self.tick_s) and self.tick_s > 0):
-            raise ValueError(f"tick_s must be a finite number > 0, got {self.tick_s}")
-        if self.backlog_threshold < 1:
-            raise ValueError(f"backlog_threshold must be >= 1, got {self.backlog_threshold}")
+        return self
+
+
+class NetworkManagerConfig(NetworkManagerSettings):
+    """The settings, and how the shell ticks and reports."""
+
+    tick_s: Annotated[Seconds, Field(gt=0)] = 0.25
+    backlog_threshold: Annotated[Whole, Field(ge=1)] = 1  # depth at which a backlog "starts"; it "clears" at 0
 
 
 @dataclass(frozen=True, slots=True)
