@@ -157,6 +157,13 @@ def default_quorum(nodes: int) -> int:
     return nodes // 2 + 1
 
 
+def check_quorum(quorum: int, nodes: int) -> int:
+    """`quorum` if `nodes` nodes (one per zone) can reach it, else ValueError."""
+    if not 1 <= quorum <= nodes:
+        raise ValueError(f"quorum must be between 1 and the {nodes} nodes (one per zone), got {quorum}")
+    return quorum
+
+
 def merge_views(views: Sequence[TargetState], quorum: int, previous: TargetState) -> TargetState:
     """Merge the per-node states of one target into the load balancer's verdict.
 
@@ -186,9 +193,7 @@ class HealthBoard:
         if not nodes:
             raise ValueError("a health board needs at least one node")
         self.nodes = tuple(nodes)
-        self.quorum = default_quorum(len(nodes)) if quorum is None else quorum
-        if not 1 <= self.quorum <= len(self.nodes):
-            raise ValueError(f"quorum must be between 1 and {len(self.nodes)} nodes, got {self.quorum}")
+        self.quorum = default_quorum(len(nodes)) if quorum is None else check_quorum(quorum, len(nodes))
         self.healthy_threshold = healthy_threshold
         self.unhealthy_threshold = unhealthy_threshold
         self._views: dict[str, dict[str, TargetHealth]] = {}

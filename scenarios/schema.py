@@ -45,7 +45,7 @@ from backends.controlplane.netmanager import NetworkManagerSettings, Propagation
 from backends.netpath import FLAP_CAN_SERVE_BELOW, PathParams
 from lb.balancer import BalancerSettings
 from lb.checker import CheckerCapacity, CheckSettings, TransitionCost
-from lb.health import aws_range_notes
+from lb.health import aws_range_notes, check_quorum
 from lb.policies import (
     POLICY_TYPES,
     PRESETS,
@@ -461,6 +461,11 @@ class Scenario(_Model):
     @model_validator(mode="after")
     def _whole_scenario(self) -> Scenario:
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.health_check.quorum is not None:
+            try:
+                check_quorum(self.health_check.quorum, len(self.zones))
+            except ValueError as e:
+                problems.append((("health_check", "quorum"), str(e)))
         policies = self._check_policies(problems)
         for i, ev in enumerate(self.timeline):
             self._check_event(i, ev, problems)

@@ -317,6 +317,9 @@ def test_the_load_balancer_specs_are_the_lbs_own_configs() -> None:
         parse_scenario({**BASE, "checker": {"burst": 0.5}}, "f")
     with pytest.raises(ValueError, match="AWS allows 2-10"):
         CheckConfig(healthy_threshold=11)
+    # The health board's quorum rule, which needs the zones: run used to refuse this with a traceback.
+    with pytest.raises(ScenarioError, match=r"health_check.quorum: quorum must be between 1 and the 2 nodes"):
+        parse_scenario({**BASE, "zones": ["a", "b"], "health_check": {"quorum": 3}}, "f")
     with pytest.raises(ValueError, match="interval_s"):
         CheckConfig(interval_s="10s")  # type: ignore[arg-type]
 
