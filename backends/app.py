@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 
 from backends import _sockets
 from backends._sockets import BACKLOG, HOST
-from backends.config import ConfigModel, Flag, Fraction, PerSecond, Seconds, Whole, check_speed, validated
+from simconfig import ConfigModel, Flag, Fraction, PerSecond, Seconds, Whole, check_speed, validated
 
 MAX_WORK_BYTES = 64 * 1024 * 1024
 _WORK_CHUNK = b"x" * 65536

@@ -44,7 +44,7 @@ from pydantic import AfterValidator, Field
 
 from backends import _sockets
 from backends._sockets import BACKLOG, HOST
-from backends.config import ConfigModel, Fraction, PerSecond, Seconds, check_speed, validated
+from simconfig import ConfigModel, Fraction, PerSecond, Seconds, check_speed, validated
 
 # A pipe stops reading its source while this much is delayed or paced but not yet written.
 _HIGH_WATER = 1 << 20

@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from prometheus_client import CollectorRegistry
+from pydantic import Field
 
 from lb.aio import cancel_and_wait
 from lb.checker import CheckConfig, CheckerCapacity, NodeChecker, ProbeReport
 from lb.clock import ScaledClock
 from lb.dnsview import DnsView
-from lb.health import AWS_DEFAULT_HEALTHY_THRESHOLD, AWS_DEFAULT_UNHEALTHY_THRESHOLD, HealthBoard, Transition
+from lb.health import HealthBoard, Transition
 from lb.metrics import LbMetrics
 from lb.passive import PassiveTracker
 from lb.policy import Policy, PolicyEngine, RoutingPlan, Snapshot, TargetView, WithholdReason, ZoneMode
 from lb.proxy import ConnectionReport, ConnOutcome, NodeProxy
 from lb.select import FlowHashSelector, RoundRobinSelector
 from lb.targets import ProbeOutcome, Target, TargetState
+from simconfig import ConfigModel, Flag, Seconds, validated
 
 # Data-path outcomes that say something about the target (the others are about the client or the LB itself).
 _PASSIVE_OK = {ConnOutcome.OK}
@@ -39,21 +40,25 @@ _PASSIVE_FAIL = {
 }
 
 
-@dataclass(frozen=True)
-class BalancerConfig:
-    zones: tuple[str, ...]
-    check: CheckConfig = field(default_factory=CheckConfig)
-    capacity: CheckerCapacity = field(default_factory=CheckerCapacity)
-    healthy_threshold: int = AWS_DEFAULT_HEALTHY_THRESHOLD
-    unhealthy_threshold: int = AWS_DEFAULT_UNHEALTHY_THRESHOLD
-    quorum: int | None = None  # None: a strict majority of zone nodes
-    cross_zone: bool = False
+class BalancerSettings(ConfigModel):
+    """A load balancer's own settings as its owner sets them, in sim seconds (NLB's defaults and ranges)."""
+
+    cross_zone: Flag = False
     selection: Literal["flow-hash", "round-robin"] = "flow-hash"
-    deregistration_delay_s: float = 300.0
-    terminate_unhealthy_connections: bool = True  # NLB default: RST live flows of an unhealthy target
-    evaluate_interval_s: float = 1.0  # time-driven policies (velocity windows, damping decay) re-evaluate this often
-    connect_timeout_s: float = 10.0
-    idle_timeout_s: float | None = 350.0  # NLB's TCP idle timeout; None: flows never time out
+    deregistration_delay_s: Annotated[Seconds, Field(ge=0, le=3600)] = 300.0  # AWS's default and range
+    terminate_unhealthy_connections: Flag = True  # NLB default: RST live flows of an unhealthy target
+    connect_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
+    # NLB's TCP idle timeout (AWS allows 60-6000 s); None: flows never time out.
+    idle_timeout_s: Annotated[Seconds, Field(gt=0)] | None = 350.0
+
+
+class BalancerConfig(BalancerSettings):
+    """A load balancer: its settings, its zones (one node each), and each node's health check and checker."""
+
+    zones: Annotated[tuple[str, ...], Field(min_length=1)]
+    check: CheckConfig = CheckConfig()
+    capacity: CheckerCapacity = CheckerCapacity()
+    evaluate_interval_s: Annotated[Seconds, Field(gt=0)] = 1.0  # time-driven policies re-evaluate this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,14 +84,13 @@ class LoadBalancer:
         on_event: Callable[[LbEvent], None] | None = None,
         on_probe: Callable[[ProbeReport], None] | None = None,
     ) -> None:
-        if not config.zones:
-            raise ValueError("a load balancer needs at least one zone")
         self.config = config
         self.clock = clock
         self.engine = PolicyEngine(policies)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = LbMetrics(self.registry)
-        self.board = HealthBoard(config.zones, config.healthy_threshold, config.unhealthy_threshold, config.quorum)
+        check = config.check
+        self.board = HealthBoard(config.zones, check.healthy_threshold, check.unhealthy_threshold, check.quorum)
         self.passive = PassiveTracker()
         self.targets: dict[str, Target] = {}
         self._seed = seed
@@ -276,9 +280,7 @@ class LoadBalancer:
     def set_transition_cost(self, cost: float) -> None:
         """Change what each health transition costs every node's checker, from now on (an operator action:
         with automatic DNS failover switched off, a health change no longer triggers DNS updates)."""
-        if not (math.isfinite(cost) and cost >= 0):
-            raise ValueError(f"transition_cost must be a finite number >= 0, got {cost}")
-        self.transition_cost = cost
+        self.transition_cost = validated(CheckerCapacity, {"transition_cost": cost}).transition_cost
 
     # -- evaluation ----------------------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ Two layers, so the interesting behaviour can be tested without sockets or sleepi
 * `NodeChecker` is the asyncio shell: one scheduler task per node sleeps until the schedule's next wakeup,
   starts every probe that is due (each a bare future from `lb.probes.start_probe`), and reports each verdict
   as a `ProbeReport`.
+
+Their configuration, `CheckConfig` (the target group's `CheckSettings` and how a probe reaches a target) and
+`CheckerCapacity`, are pydantic models holding their own rules; a scenario's `health_check` and `checker` are them.
 """
 
 from __future__ import annotations
@@ -23,11 +26,25 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple
+
+from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer
 
 from lb.clock import Clock, ScaledClock
-from lb.probes import Prober, build_request
+from lb.health import (
+    AWS_DEFAULT_HEALTHY_THRESHOLD,
+    AWS_DEFAULT_INTERVAL_S,
+    AWS_DEFAULT_SUCCESS_CODES,
+    AWS_DEFAULT_TIMEOUT_HTTP_S,
+    AWS_DEFAULT_UNHEALTHY_THRESHOLD,
+    AWS_THRESHOLD_RANGE,
+    THRESHOLD_RANGE,
+    format_success_codes,
+    parse_success_codes,
+)
+from lb.probes import Prober, check_host_header, check_path
 from lb.targets import ProbeOutcome, Target
+from simconfig import ConfigModel, Fraction, Number, Seconds, UnlimitedRate, Whole, validated
 
 log = logging.getLogger(__name__)
 
@@ -48,63 +65,76 @@ ProbeFn = Callable[[str, int, float], Awaitable[ProbeOutcome]]
 """(host, port, timeout in wall seconds) -> verdict. Must not raise except for cancellation."""
 
 
-@dataclass(frozen=True, slots=True)
-class CheckConfig:
-    """A target group's health-check settings, in sim seconds (AWS defaults for HTTP; research 4.1)."""
+def _threshold(v: int) -> int:
+    lo, hi = THRESHOLD_RANGE
+    if not lo <= v <= hi:
+        alo, ahi = AWS_THRESHOLD_RANGE
+        raise ValueError(f"must be from {lo} to {hi} (AWS allows {alo}-{ahi}; 1 is allowed here, with a note)")
+    return v
 
-    protocol: Literal["tcp", "http"] = "http"
-    path: str = "/health"
-    port: int | None = None  # None: the target's traffic port
-    interval_s: float = 30.0
-    timeout_s: float = 6.0
-    jitter: float = 0.1  # each interval is stretched by a factor drawn uniformly from [1 - jitter, 1 + jitter]
-    success_codes: frozenset[int] = frozenset(range(200, 400))
-    host_header: str = "lbsim"
 
-    def __post_init__(self) -> None:
-        if self.protocol not in ("tcp", "http"):
-            raise ValueError(f"protocol must be 'tcp' or 'http', got {self.protocol!r}")
-        build_request(self.path, self.host_header)  # raises ValueError for a path or Host it cannot send
-        if self.port is not None and not 1 <= self.port <= 65535:
-            raise ValueError(f"port must be 1-65535 or None (the traffic port), got {self.port}")
-        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
-            raise ValueError(f"interval_s must be a finite number > 0, got {self.interval_s}")
-        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise ValueError(f"timeout_s must be a finite number > 0, got {self.timeout_s}")
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
-        codes = frozenset(self.success_codes)
-        if not codes or not all(isinstance(c, int) and 100 <= c <= 599 for c in codes):
-            raise ValueError("success_codes must be a non-empty set of HTTP status codes within 100-599")
-        object.__setattr__(self, "success_codes", codes)
+def _matcher(v: Any) -> Any:
+    return parse_success_codes(v) if isinstance(v, str) else v
+
+
+# Consecutive checks that make a verdict. The range is checked by `_threshold`, for a message that mentions AWS's;
+# it is declared for the JSON Schema.
+Threshold = Annotated[
+    Whole,
+    AfterValidator(_threshold),
+    Field(json_schema_extra={"minimum": THRESHOLD_RANGE[0], "maximum": THRESHOLD_RANGE[1]}),
+]
+# The status codes that pass an HTTP check: a set, or given and written as AWS's matcher ("200-399", "200,302").
+SuccessCodes = Annotated[
+    frozenset[Annotated[int, Field(ge=100, le=599)]],
+    Field(min_length=1),
+    BeforeValidator(_matcher, json_schema_input_type=str),
+    PlainSerializer(format_success_codes, return_type=str, when_used="json"),
+]
+# What each health transition costs a checker, in probe starts (see CheckerCapacity).
+TransitionCost = Annotated[Number, Field(ge=0)]
+
+
+class CheckSettings(ConfigModel):
+    """A target group's health check as its owner sets it, in sim seconds: what a probe asks, how often, and how
+    many answers make a verdict (AWS's defaults for HTTP, docs/sources.md#nlb-health). `quorum`: how many zone
+    nodes must agree on a verdict (None: a strict majority)."""
+
+    protocol: Literal["http", "tcp"] = "http"
+    path: Annotated[str, AfterValidator(check_path)] = "/health"
+    interval_s: Annotated[Seconds, Field(gt=0)] = AWS_DEFAULT_INTERVAL_S
+    timeout_s: Annotated[Seconds, Field(gt=0)] = AWS_DEFAULT_TIMEOUT_HTTP_S
+    healthy_threshold: Threshold = AWS_DEFAULT_HEALTHY_THRESHOLD
+    unhealthy_threshold: Threshold = AWS_DEFAULT_UNHEALTHY_THRESHOLD
+    success_codes: SuccessCodes = Field(
+        default=parse_success_codes(AWS_DEFAULT_SUCCESS_CODES), json_schema_extra={"default": AWS_DEFAULT_SUCCESS_CODES}
+    )
+    jitter: Annotated[Fraction, Field(ge=0, lt=1)] = 0.1  # each interval is stretched by U[1 - jitter, 1 + jitter]
+    quorum: Annotated[Whole, Field(ge=1)] | None = None
+
+
+class CheckConfig(CheckSettings):
+    """A node checker's configuration: the target group's health check and how a probe reaches a target."""
+
+    port: Annotated[Whole, Field(ge=1, le=65535)] | None = None  # None: the target's traffic port
+    host_header: Annotated[str, AfterValidator(check_host_header)] = "lbsim"
 
     def prober(self) -> Prober:
         return Prober(self.protocol, self.path, self.host_header, self.success_codes)
 
 
-@dataclass(frozen=True, slots=True)
-class CheckerCapacity:
+class CheckerCapacity(ConfigModel):
     """How much probing one node's checker can do: concurrent probes and probe starts per sim second.
 
     `burst` is the token bucket's depth (default: one second's worth, at least 1). `transition_cost` is
     what the balancer `charge`s per health transition, in probe starts (AWS re-verification and DNS work).
-    `max_per_second` may be `math.inf` for "no rate limit".
+    `max_per_second` may be infinite (`math.inf`, `.inf` in YAML) for "no rate limit".
     """
 
-    max_in_flight: int = 1000
-    max_per_second: float = 1000.0
-    burst: float | None = None
-    transition_cost: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
-        if not self.max_per_second > 0:
-            raise ValueError(f"max_per_second must be > 0, got {self.max_per_second}")
-        if self.burst is not None and not self.burst >= 1:
-            raise ValueError(f"burst must be >= 1 probe start (or None for one second's worth), got {self.burst}")
-        if not (math.isfinite(self.transition_cost) and self.transition_cost >= 0):
-            raise ValueError(f"transition_cost must be a finite number >= 0, got {self.transition_cost}")
+    max_in_flight: Annotated[Whole, Field(ge=1)] = 1000
+    max_per_second: UnlimitedRate = 1000.0
+    burst: Annotated[Number, Field(ge=1)] | None = None  # in probe starts
+    transition_cost: TransitionCost = 0.0
 
     @property
     def effective_burst(self) -> float:
@@ -149,9 +179,11 @@ class ProbeSchedule:
         burst: float | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        # Validation is shared with the config classes so the rules live in one place.
-        CheckConfig(interval_s=interval_s, timeout_s=timeout_s, jitter=jitter)
-        capacity = CheckerCapacity(max_in_flight, max_per_second, burst)
+        # The configs' rules, for values handed to the core directly.
+        validated(CheckSettings, {"interval_s": interval_s, "timeout_s": timeout_s, "jitter": jitter})
+        capacity = validated(
+            CheckerCapacity, {"max_in_flight": max_in_flight, "max_per_second": max_per_second, "burst": burst}
+        )
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.jitter = jitter

@@ -20,6 +20,7 @@ from lb.targets import TargetState
 AWS_INTERVAL_RANGE_S = (5.0, 300.0)
 AWS_TIMEOUT_RANGE_S = (2.0, 120.0)
 AWS_THRESHOLD_RANGE = (2, 10)
+THRESHOLD_RANGE = (1, 10)  # lbsim's: AWS's, and 1 for speed (aws_range_notes says when a setting uses it)
 AWS_DEFAULT_INTERVAL_S = 30.0
 AWS_DEFAULT_TIMEOUT_HTTP_S = 6.0
 AWS_DEFAULT_TIMEOUT_TCP_S = 10.0
@@ -48,8 +49,23 @@ def parse_success_codes(spec: str) -> frozenset[int]:
     return frozenset(codes)
 
 
+def format_success_codes(codes: frozenset[int]) -> str:
+    """The AWS matcher for a set of codes, runs of consecutive codes as ranges: {200, 201, 202, 302} -> 200-202,302."""
+    runs: list[list[int]] = []
+    for code in sorted(codes):
+        if runs and code == runs[-1][1] + 1:
+            runs[-1][1] = code
+        else:
+            runs.append([code, code])
+    return ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
 def aws_range_notes(
-    interval_s: float, timeout_s: float, healthy_threshold: int, unhealthy_threshold: int, success_codes: str
+    interval_s: float,
+    timeout_s: float,
+    healthy_threshold: int,
+    unhealthy_threshold: int,
+    success_codes: frozenset[int],
 ) -> list[str]:
     """Say which settings fall outside what AWS NLB accepts. Scenarios may go outside for speed; users
     should know when they do."""
@@ -64,10 +80,9 @@ def aws_range_notes(
     for name, value in (("healthy_threshold", healthy_threshold), ("unhealthy_threshold", unhealthy_threshold)):
         if not tlo <= value <= thi:
             notes.append(f"{name}={value} is outside AWS's {tlo}-{thi}")
-    codes = parse_success_codes(success_codes)
     clo, chi = AWS_SUCCESS_CODE_RANGE
-    if min(codes) < clo or max(codes) > chi:
-        notes.append(f"success_codes={success_codes} reach outside AWS's {clo}-{chi}")
+    if min(success_codes) < clo or max(success_codes) > chi:
+        notes.append(f"success_codes={format_success_codes(success_codes)} reach outside AWS's {clo}-{chi}")
     return notes
 
 
@@ -142,6 +157,13 @@ def default_quorum(nodes: int) -> int:
     return nodes // 2 + 1
 
 
+def check_quorum(quorum: int, nodes: int) -> int:
+    """`quorum` if `nodes` nodes (one per zone) can reach it, else ValueError."""
+    if not 1 <= quorum <= nodes:
+        raise ValueError(f"quorum must be between 1 and the {nodes} nodes (one per zone), got {quorum}")
+    return quorum
+
+
 def merge_views(views: Sequence[TargetState], quorum: int, previous: TargetState) -> TargetState:
     """Merge the per-node states of one target into the load balancer's verdict.
 
@@ -171,9 +193,7 @@ class HealthBoard:
         if not nodes:
             raise ValueError("a health board needs at least one node")
         self.nodes = tuple(nodes)
-        self.quorum = default_quorum(len(nodes)) if quorum is None else quorum
-        if not 1 <= self.quorum <= len(self.nodes):
-            raise ValueError(f"quorum must be between 1 and {len(self.nodes)} nodes, got {self.quorum}")
+        self.quorum = default_quorum(len(nodes)) if quorum is None else check_quorum(quorum, len(nodes))
         self.healthy_threshold = healthy_threshold
         self.unhealthy_threshold = unhealthy_threshold
         self._views: dict[str, dict[str, TargetHealth]] = {}

@@ -85,16 +85,32 @@ def is_status_line_prefix(data: bytes) -> bool:
 _VISIBLE_ASCII: Final = re.compile(r"[\x21-\x7e]+")
 
 
+def check_path(path: str) -> str:
+    """`path` if it makes a valid request line, else ValueError. No spaces, controls or non-ASCII: they would let
+    a config value inject bytes into the request."""
+    if not path.startswith("/") or not _VISIBLE_ASCII.fullmatch(path):
+        raise ValueError("must be '/' followed by visible ASCII (no spaces, control characters or non-ASCII)")
+    return path
+
+
+def check_host_header(host_header: str) -> str:
+    """`host_header` if it makes a valid Host header, else ValueError (as `check_path`)."""
+    if not _VISIBLE_ASCII.fullmatch(host_header):
+        raise ValueError("must be visible ASCII for the Host header (no spaces, control characters or non-ASCII)")
+    return host_header
+
+
 def build_request(path: str, host_header: str) -> bytes:
     """The probe's request: a bodiless GET that asks the target to close the connection afterwards.
 
-    Raises ValueError for a path or Host that would not make a valid request line or header (no spaces,
-    controls or non-ASCII: they would let a config value inject bytes into the request).
+    Raises ValueError for a path or Host that would not make a valid request line or header (`check_path`,
+    `check_host_header`).
     """
-    if not path.startswith("/") or not _VISIBLE_ASCII.fullmatch(path):
-        raise ValueError(f"health-check path must be '/' followed by visible ASCII, got {path!r}")
-    if not _VISIBLE_ASCII.fullmatch(host_header):
-        raise ValueError(f"health-check Host header must be visible ASCII, no spaces; got {host_header!r}")
+    for name, value, check in (("path", path, check_path), ("host_header", host_header, check_host_header)):
+        try:
+            check(value)
+        except ValueError as e:
+            raise ValueError(f"health-check {name} {e}, got {value!r}") from None
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\nUser-Agent: {USER_AGENT}\r\n\r\n"
     ).encode("ascii")

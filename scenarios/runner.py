@@ -26,9 +26,8 @@ from backends.controlplane.hostmanager import RecoveryQueue
 from backends.fleet import Targets, UnknownTarget
 from lb.aio import cancel_and_wait
 from lb.balancer import BalancerConfig, LbEvent, LoadBalancer
-from lb.checker import CheckConfig, CheckerCapacity, ProbeReport
+from lb.checker import CheckConfig, ProbeReport
 from lb.clock import ScaledClock
-from lb.health import parse_success_codes
 from lb.metrics import MetricsServer
 from lb.policies import POLICY_TYPES, PolicyError, make_policy, parse_policy_spec, split_top
 from lb.policy import Policy
@@ -425,27 +424,8 @@ class ScenarioRun:
 
     def _balancer_config(self) -> BalancerConfig:
         sc = self.scenario
-        hc = sc.health_check
-        return BalancerConfig(
-            zones=tuple(sc.zones),
-            check=CheckConfig(
-                protocol=hc.protocol, path=hc.path, interval_s=hc.interval_s, timeout_s=hc.timeout_s,
-                jitter=hc.jitter, success_codes=parse_success_codes(hc.success_codes),
-            ),
-            capacity=CheckerCapacity(
-                max_in_flight=sc.checker.max_in_flight, max_per_second=sc.checker.max_per_second,
-                transition_cost=sc.checker.transition_cost,
-            ),
-            healthy_threshold=hc.healthy_threshold,
-            unhealthy_threshold=hc.unhealthy_threshold,
-            quorum=hc.quorum,
-            cross_zone=sc.load_balancer.cross_zone,
-            selection=sc.load_balancer.selection,
-            deregistration_delay_s=sc.load_balancer.deregistration_delay_s,
-            terminate_unhealthy_connections=sc.load_balancer.terminate_unhealthy_connections,
-            connect_timeout_s=sc.load_balancer.connect_timeout_s,
-            idle_timeout_s=sc.load_balancer.idle_timeout_s,
-        )
+        check = CheckConfig.from_settings(sc.health_check)
+        return BalancerConfig.from_settings(sc.load_balancer, zones=tuple(sc.zones), check=check, capacity=sc.checker)
 
     def _resolve(self) -> tuple[str, ...]:
         assert self.lb is not None and self.lb.dns is not None

@@ -15,8 +15,9 @@ Rules of the format, each enforced at load time so a mistake is reported before 
 6. A scenario has targets: some per zone, a `register` event, or a control plane that launches them.
 Invalid YAML is reported as `FILE:LINE:COL: ...`; every other problem as one line naming its field.
 
-Each rule is written once: the number types are `backends.config`'s, and a path change, a backend change and the
-`control_plane` sections are the components' own configuration models (PathParams, ModeChange, the settings of
+Each rule is written once: the number types are `simconfig`'s, and `health_check`, `checker`, `load_balancer`, a
+path change, a backend change and the `control_plane` sections are the components' own configuration models
+(the load balancer's CheckSettings, CheckerCapacity and BalancerSettings, PathParams, ModeChange, the settings of
 each control-plane component), so a file is refused for exactly what the component would refuse when built.
 """
 
@@ -35,7 +36,6 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_v
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from backends.app import ModeChange
-from backends.config import ConfigModel, Flag, Fraction, MaxDepth, Number, PerSecond, Rate, Seconds, Speed, Whole
 from backends.controlplane.dnsautomation import EnactorNames
 from backends.controlplane.dnsservice import DnsSettings
 from backends.controlplane.hostmanager import HostManagerSettings
@@ -43,16 +43,9 @@ from backends.controlplane.instances import InstanceSettings
 from backends.controlplane.leasestore import LeaseStoreSettings
 from backends.controlplane.netmanager import NetworkManagerSettings, PropagationRate
 from backends.netpath import FLAP_CAN_SERVE_BELOW, PathParams
-from lb.health import (
-    AWS_DEFAULT_HEALTHY_THRESHOLD,
-    AWS_DEFAULT_INTERVAL_S,
-    AWS_DEFAULT_SUCCESS_CODES,
-    AWS_DEFAULT_TIMEOUT_HTTP_S,
-    AWS_DEFAULT_UNHEALTHY_THRESHOLD,
-    AWS_THRESHOLD_RANGE,
-    aws_range_notes,
-    parse_success_codes,
-)
+from lb.balancer import BalancerSettings
+from lb.checker import CheckerCapacity, CheckSettings, TransitionCost
+from lb.health import aws_range_notes, check_quorum
 from lb.policies import (
     POLICY_TYPES,
     PRESETS,
@@ -65,10 +58,10 @@ from lb.policies import (
 )
 from lb.policy import Policy
 from scenarios.outcomes import Headline
+from simconfig import ConfigModel, Flag, MaxDepth, PerSecond, Rate, Seconds, Speed, Whole
 
 PathStateName = Literal["open", "blackhole", "refuse", "reset", "latency", "flap", "loss", "bandwidth"]
 
-THRESHOLD_RANGE = (1, 10)
 # The error type of the checks that need the whole scenario; their message already says what was given.
 _RULE = "scenario_rule"
 
@@ -77,52 +70,13 @@ class ScenarioError(ValueError):
     """A scenario that cannot be run, with a message meant for the person who wrote it."""
 
 
-# -- numbers and flags (rule 1) ----------------------------------------------------------------------------------
-
-_THRESHOLD_SCHEMA: dict[str, Any] = {"minimum": THRESHOLD_RANGE[0], "maximum": THRESHOLD_RANGE[1]}
-
-
-def _threshold(v: int) -> int:
-    lo, hi = THRESHOLD_RANGE
-    if not lo <= v <= hi:
-        alo, ahi = AWS_THRESHOLD_RANGE
-        raise ValueError(f"must be from {lo} to {hi} (AWS allows {alo}-{ahi}; 1 is allowed here, with a note)")
-    return v
-
-
-# The base of every spec: the same as the components' own configs, which the control plane's specs are.
+# The base of every spec: the same as the components' own configs, which most specs are.
 _Model = ConfigModel
 
 
-class HealthCheckSpec(_Model):
-    protocol: Literal["http", "tcp"] = "http"
-    path: str = "/health"
-    interval_s: Annotated[Seconds, Field(gt=0)] = AWS_DEFAULT_INTERVAL_S
-    timeout_s: Annotated[Seconds, Field(gt=0)] = AWS_DEFAULT_TIMEOUT_HTTP_S
-    # The range is checked by `_thresholds`, for a message that mentions AWS's; it is declared for the JSON schema.
-    healthy_threshold: Annotated[Whole, Field(json_schema_extra=_THRESHOLD_SCHEMA)] = AWS_DEFAULT_HEALTHY_THRESHOLD
-    unhealthy_threshold: Annotated[Whole, Field(json_schema_extra=_THRESHOLD_SCHEMA)] = AWS_DEFAULT_UNHEALTHY_THRESHOLD
-    success_codes: str = AWS_DEFAULT_SUCCESS_CODES
-    jitter: Annotated[Fraction, Field(ge=0, lt=1)] = 0.1
-    quorum: Annotated[Whole, Field(ge=1)] | None = None
-
-    @field_validator("healthy_threshold", "unhealthy_threshold")
-    @classmethod
-    def _thresholds(cls, v: int) -> int:
-        return _threshold(v)
-
-    @field_validator("success_codes")
-    @classmethod
-    def _codes(cls, v: str) -> str:
-        parse_success_codes(v)
-        return v
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/") or any(c.isspace() for c in v):
-            raise ValueError("must start with '/' and contain no whitespace")
-        return v
+class HealthCheckSpec(CheckSettings):
+    """The target group's health check by the checker's own rules (lb's CheckSettings), whose timeout must also
+    end before the next check is due, as AWS requires (the checker itself allows overlapping checks)."""
 
     @model_validator(mode="after")
     def _timeout_fits(self) -> HealthCheckSpec:
@@ -135,19 +89,9 @@ class HealthCheckSpec(_Model):
                                self.success_codes)
 
 
-class CheckerSpec(_Model):
-    max_in_flight: Annotated[Whole, Field(ge=1)] = 1000
-    max_per_second: Annotated[PerSecond, Field(gt=0)] = 1000.0
-    transition_cost: Annotated[Number, Field(ge=0)] = 0.0
-
-
-class LoadBalancerSpec(_Model):
-    cross_zone: Flag = False
-    selection: Literal["flow-hash", "round-robin"] = "flow-hash"
-    deregistration_delay_s: Annotated[Seconds, Field(ge=0, le=3600)] = 300.0  # AWS default
-    terminate_unhealthy_connections: Flag = True
-    connect_timeout_s: Annotated[Seconds, Field(gt=0)] = 10.0
-    idle_timeout_s: Annotated[Seconds, Field(gt=0)] = 350.0  # NLB default; AWS allows 60-6000 s
+# The checker's capacity and the load balancer's settings, by their own rules.
+CheckerSpec = CheckerCapacity
+LoadBalancerSpec = BalancerSettings
 
 
 class TrafficSpec(_Model):
@@ -297,7 +241,7 @@ class ControlAction(_Model):
 class CheckerChange(_Model):
     """An operator change to the health-check subsystem, from now on."""
 
-    transition_cost: Annotated[Number, Field(ge=0)]
+    transition_cost: TransitionCost
 
 
 class Event(_Model):
@@ -517,6 +461,11 @@ class Scenario(_Model):
     @model_validator(mode="after")
     def _whole_scenario(self) -> Scenario:
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.health_check.quorum is not None:
+            try:
+                check_quorum(self.health_check.quorum, len(self.zones))
+            except ValueError as e:
+                problems.append((("health_check", "quorum"), str(e)))
         policies = self._check_policies(problems)
         for i, ev in enumerate(self.timeline):
             self._check_event(i, ev, problems)

@@ -91,12 +91,13 @@ class Rig:
         self.clock = ScaledClock(speed)
         self.fleet = Targets(speed=speed, seed=3)
         self.registry = CollectorRegistry()
+        check = check or CheckConfig(interval_s=INTERVAL, timeout_s=TIMEOUT, jitter=0.0)
         self.config = BalancerConfig(
             zones=ZONES,
-            check=check or CheckConfig(interval_s=INTERVAL, timeout_s=TIMEOUT, jitter=0.0),
+            check=CheckConfig.model_validate(
+                dict(check) | {"healthy_threshold": healthy_threshold, "unhealthy_threshold": unhealthy_threshold}
+            ),
             capacity=capacity or CheckerCapacity(),
-            healthy_threshold=healthy_threshold,
-            unhealthy_threshold=unhealthy_threshold,
             deregistration_delay_s=5.0,
         )
         self.lb = LoadBalancer(

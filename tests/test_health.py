@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.health import HealthBoard, TargetHealth, aws_range_notes, merge_views, parse_success_codes
+from lb.health import (
+    HealthBoard,
+    TargetHealth,
+    aws_range_notes,
+    format_success_codes,
+    merge_views,
+    parse_success_codes,
+)
 from lb.targets import TargetState as S
 
 
@@ -116,9 +123,13 @@ def test_success_codes_and_aws_notes() -> None:
         parse_success_codes("99-200")
     with pytest.raises(ValueError, match="integers"):
         parse_success_codes("2xx")
-    assert aws_range_notes(30, 6, 5, 2, "200-399") == []
-    notes = aws_range_notes(2, 1, 1, 11, "200-399")
+    aws = parse_success_codes("200-399")
+    assert aws_range_notes(30, 6, 5, 2, aws) == []
+    notes = aws_range_notes(2, 1, 1, 11, aws)
     assert len(notes) == 4 and any("interval_s=2" in n for n in notes)
+    wide = parse_success_codes("100-199,204,500-599")
+    assert format_success_codes(wide) == "100-199,204,500-599"
+    assert aws_range_notes(30, 6, 5, 2, wide) == ["success_codes=100-199,204,500-599 reach outside AWS's 200-599"]
 
 
 def test_board_tracks_which_targets_served_since_they_registered() -> None:

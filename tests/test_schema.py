@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from importlib import resources
@@ -14,6 +15,9 @@ import pytest
 import yaml
 
 from backends.controlplane import hostmanager, netmanager
+from lb.balancer import BalancerSettings
+from lb.checker import CheckConfig, CheckerCapacity, CheckSettings
+from scenarios.runner import ScenarioRun
 from scenarios.schema import (
     Event,
     Scenario,
@@ -280,6 +284,44 @@ def test_the_control_plane_specs_are_the_components_own_configs() -> None:
         parse_scenario({**BASE, "control_plane": {"host_manager": {"lease_ttl_s": 60}}}, "f")
     with pytest.raises(ValueError, match="lease_ttl_s"):
         hostmanager.HostManagerConfig(lease_ttl_s=60)
+
+
+def test_the_load_balancer_specs_are_the_lbs_own_configs() -> None:
+    """One rule each: health_check, checker and load_balancer are the load balancer's configuration models, and
+    the run's BalancerConfig is built from them whole, without losing a value."""
+    sc = parse_scenario({**BASE, "zones": ["a", "b"],
+                         "health_check": {"interval_s": 4, "timeout_s": 1, "success_codes": "200,204-206", "quorum": 2},
+                         "checker": {"max_per_second": math.inf, "burst": 5, "transition_cost": 2},
+                         "load_balancer": {"idle_timeout_s": None, "selection": "round-robin"}}, "f")
+    assert isinstance(sc.health_check, CheckSettings) and isinstance(sc.checker, CheckerCapacity)
+    assert isinstance(sc.load_balancer, BalancerSettings)
+    config = ScenarioRun(sc)._balancer_config()
+    assert config.zones == ("a", "b") and config.capacity == sc.checker
+    assert dict(config.check).items() >= dict(sc.health_check).items()
+    assert dict(config).items() >= dict(sc.load_balancer).items()
+    assert config.check.success_codes == frozenset({200, 204, 205, 206}) and config.check.quorum == 2
+    assert config.capacity.max_per_second == math.inf and config.capacity.burst == 5  # .inf: no rate limit
+    assert config.idle_timeout_s is None and config.selection == "round-robin"
+    # Written out as the file spells it, so a run directory's scenario.yaml loads again.
+    resolved = sc.model_dump(mode="json")
+    assert resolved["health_check"]["success_codes"] == "200,204-206"
+    assert parse_scenario(resolved, "f") == sc
+    # The load balancer's rules, in the scenario's words (the probe's own: run used to refuse this path later).
+    with pytest.raises(ScenarioError, match=r"health_check.path: must be '/' followed by visible ASCII"):
+        parse_scenario({**BASE, "health_check": {"path": "/\u00e9"}}, "f")
+    with pytest.raises(ScenarioError, match=r"checker.max_per_second: must be a number per sim second.*or .inf for no"):
+        parse_scenario({**BASE, "checker": {"max_per_second": math.nan}}, "f")
+    with pytest.raises(ScenarioError, match=r"checker.max_per_second: must be a number per sim second.*'20/s'"):
+        parse_scenario({**BASE, "checker": {"max_per_second": "20/s"}}, "f")
+    with pytest.raises(ScenarioError, match=r"checker.burst: must be greater than or equal to 1"):
+        parse_scenario({**BASE, "checker": {"burst": 0.5}}, "f")
+    with pytest.raises(ValueError, match="AWS allows 2-10"):
+        CheckConfig(healthy_threshold=11)
+    # The health board's quorum rule, which needs the zones: run used to refuse this with a traceback.
+    with pytest.raises(ScenarioError, match=r"health_check.quorum: quorum must be between 1 and the 2 nodes"):
+        parse_scenario({**BASE, "zones": ["a", "b"], "health_check": {"quorum": 3}}, "f")
+    with pytest.raises(ValueError, match="interval_s"):
+        CheckConfig(interval_s="10s")  # type: ignore[arg-type]
 
 
 def test_the_json_schema_states_every_bound_in_json_schema_terms() -> None:

@@ -51,7 +51,6 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-from backends.config import ConfigModel, Fraction, Seconds, Whole
 from backends.controlplane.dnsplan import (
     Enactor,
     EnactorState,
@@ -63,6 +62,7 @@ from backends.controlplane.dnsplan import (
     StartOutcome,
     WriteOutcome,
 )
+from simconfig import ConfigModel, Fraction, Seconds, Whole
 
 Notify = Callable[[str, dict[str, Any]], None]
 

@@ -49,7 +49,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from backends.config import ConfigModel, Flag, Fraction
+from simconfig import ConfigModel, Flag, Fraction
 
 # An endpoint's record set: address -> weight.
 Records = Mapping[str, int]

@@ -67,8 +67,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field, model_validator
 
-from backends.config import ConfigModel, Fraction, MaxDepth, Rate, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
+from simconfig import ConfigModel, Fraction, MaxDepth, Rate, Seconds, Whole, validated
 
 log = logging.getLogger(__name__)
 

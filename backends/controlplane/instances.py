@@ -43,10 +43,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field
 
-from backends.config import ConfigModel, Number, Rate, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
 from backends.controlplane.netmanager import NetworkManager
 from backends.fleet import Targets, UnknownTarget
+from simconfig import ConfigModel, Number, Rate, Seconds, Whole, validated
 
 log = logging.getLogger(__name__)
 

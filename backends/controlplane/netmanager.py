@@ -42,9 +42,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field, model_validator
 
-from backends.config import ConfigModel, Fraction, MaxDepth, PerSecond, Seconds, Whole, validated
 from backends.controlplane.clock import SimClock
 from backends.netpath import PathConfig
+from simconfig import ConfigModel, Fraction, MaxDepth, PerSecond, Seconds, Whole, validated
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,13 @@
 """Pydantic building blocks of every component's configuration: strict numbers with messages fit for a user.
 
-The component configs of `backends/` are pydantic models built from these, holding their own constraints, and
-the scenario schema uses those models as its specs, so each rule is written once and a scenario file is checked
-by the same rules the component enforces when it is built.
+The component configs of `lb/` and `backends/` are pydantic models built from these, holding their own
+constraints, and the scenario schema uses those models as its specs, so each rule is written once and a scenario
+file is checked by the same rules the component enforces when it is built. This package knows no component and
+imports nothing of the project, so both `lb/` and `backends/` may import it (they may not import each other).
 
 Numbers: plain numbers only. Strings (`"10"`, `"10s"`) and booleans are refused wherever a number is expected
-(pydantic's own coercion would parse them), and so are infinities and NaN; ints are accepted where floats are.
+(pydantic's own coercion would parse them), and so are NaN and infinities (except where a type says what `.inf`
+means, as `UnlimitedRate` does: no limit); ints are accepted where floats are.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def numeric(what: str, example: str, bad: str) -> BeforeValidator:
-    """A check that lets only real numbers through to pydantic's own (which would parse strings and bools)."""
+def numeric(what: str, example: str, bad: str, infinite: str = "") -> BeforeValidator:
+    """A check that lets only real numbers through to pydantic's own (which would parse strings and bools).
+    With `infinite` (what infinity means, e.g. "no limit"), infinity is a number too."""
 
     def check(v: Any) -> Any:
         if isinstance(v, bool):
@@ -47,8 +50,9 @@ def numeric(what: str, example: str, bad: str) -> BeforeValidator:
                 hint = " (remove the quotes)"
             msg = f"must be {what}, e.g. {example}; strings like {bad!r} are not accepted{hint}"
             raise PydanticCustomError("number_type", "{m}", {"m": msg})
-        if isinstance(v, float) and not math.isfinite(v):
-            raise PydanticCustomError("number_type", "{m}", {"m": f"must be {what}, e.g. {example}, and finite"})
+        if isinstance(v, float) and not math.isfinite(v) and not (infinite and math.isinf(v)):
+            msg = f"must be {what}, e.g. {example}, " + (f"or .inf for {infinite}" if infinite else "and finite")
+            raise PydanticCustomError("number_type", "{m}", {"m": msg})
         return v
 
     return BeforeValidator(check)
@@ -70,6 +74,7 @@ Whole = Annotated[int, numeric("a whole number", "3", "3")]
 Flag = Annotated[bool, BeforeValidator(_flag_check)]
 PositiveSpeed = Annotated[Speed, Field(gt=0)]
 Rate = Annotated[PerSecond, Field(gt=0)]  # a throughput: a throttle, a capacity
+UnlimitedRate = Annotated[float, numeric("a number per sim second", "20 or 0.5", "20/s", "no limit"), Field(gt=0)]
 MaxDepth = Annotated[Whole, Field(ge=1)]  # a queue's admission control: offers beyond this depth are rejected
 _SPEED: TypeAdapter[float] = TypeAdapter(PositiveSpeed)
 
