@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 
 from backends import _sockets
 from backends._sockets import BACKLOG, HOST
-from simconfig import ConfigModel, Flag, Fraction, PerSecond, Seconds, Whole, check_speed, validated
+from simconfig import ConfigModel, Flag, Fraction, PerSecond, Seconds, Whole, check_speed, check_takes, validated
 
 MAX_WORK_BYTES = 64 * 1024 * 1024
 _WORK_CHUNK = b"x" * 65536
@@ -102,12 +102,8 @@ class ModeChange(ConfigModel):
 
     @model_validator(mode="after")
     def _fits_mode(self) -> ModeChange:
-        takes = _SETTINGS | _MODE_ONLY.get(self.mode, frozenset())
-        extra = sorted(set(self.params()) - takes)
-        if extra:
-            raise ValueError(f"mode {self.mode} does not take {', '.join(extra)} (it takes {', '.join(sorted(takes))})")
-        if self.mode == "slow" and self.latency_s is None:
-            raise ValueError("mode slow needs latency_s")
+        required = {"latency_s"} if self.mode == "slow" else set()
+        check_takes(f"mode {self.mode}", self.params(), required, _SETTINGS | _MODE_ONLY.get(self.mode, frozenset()))
         return self
 
 

@@ -44,7 +44,7 @@ from pydantic import AfterValidator, Field
 
 from backends import _sockets
 from backends._sockets import BACKLOG, HOST
-from simconfig import ConfigModel, Fraction, PerSecond, Seconds, check_speed, validated
+from simconfig import ConfigModel, Fraction, PerSecond, Seconds, check_speed, check_takes, validated
 
 # A pipe stops reading its source while this much is delayed or paced but not yet written.
 _HIGH_WATER = 1 << 20
@@ -118,14 +118,7 @@ class PathParams(ConfigModel):
         """The state, if it takes exactly these parameters; ValueError names what is missing or not taken."""
         st = parse_state(state)
         required, optional = _TAKES.get(st, (frozenset(), frozenset()))
-        given = set(self.given())
-        extra = sorted(given - required - optional)
-        if extra:
-            takes = ", ".join(sorted(required | optional)) or "no parameters"
-            raise ValueError(f"path state {st.value} does not take {', '.join(extra)} (it takes {takes})")
-        missing = sorted(required - given)
-        if missing:
-            raise ValueError(f"path state {st.value} needs {', '.join(missing)}")
+        check_takes(f"path state {st.value}", self.given(), required, optional)
         return st
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Self, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
@@ -145,3 +145,16 @@ def validated(model: type[M], data: Mapping[str, object]) -> M:
         return model.model_validate(data)
     except ValidationError as e:
         raise ValueError(describe(e)) from None
+
+
+def check_takes(what: str, given: Iterable[str], required: Iterable[str], optional: Iterable[str]) -> None:
+    """ValueError unless `given` holds every `required` parameter and nothing outside `required` and `optional`:
+    "path state flap does not take rate_bytes_per_s (it takes loss, period_s)", "mode slow needs latency_s"."""
+    got, req, opt = set(given), set(required), set(optional)
+    extra = sorted(got - req - opt)
+    if extra:
+        takes = ", ".join(sorted(req | opt)) or "no parameters"
+        raise ValueError(f"{what} does not take {', '.join(extra)} (it takes {takes})")
+    missing = sorted(req - got)
+    if missing:
+        raise ValueError(f"{what} needs {', '.join(missing)}")
