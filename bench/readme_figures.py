@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -29,20 +30,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from scenarios.compare import TABLE_METRICS
+
 ROOT = Path(__file__).resolve().parent.parent
 LBSIM = [sys.executable, "-m", "scenarios.cli"]
 BENCH = [sys.executable]
 
-# The columns of a compare table in FIGURES.md: (summary key, header, format).
+# The columns of a compare table in FIGURES.md: compare's own table metrics (up to the counts), formatted by unit.
+_FORMATS = {"points": "{:.2%}", "target-s": "{:.0f}", "": "{:.1f}"}
 COMPARE_COLUMNS: list[tuple[str, str, str]] = [
-    ("availability", "availability", "{:.2%}"),
-    ("worst_minute_availability", "worst 60 s", "{:.2%}"),
-    ("min_routable_fraction", "lowest routable", "{:.1%}"),
-    ("capacity_lost_target_seconds", "capacity lost (target-s)", "{:.0f}"),
-    ("false_ejection_target_seconds", "false ejections (target-s)", "{:.0f}"),
-    ("missed_ejection_target_seconds", "missed ejections (target-s)", "{:.0f}"),
-    ("dns_failovers", "DNS failovers", "{:.1f}"),
-    ("flaps", "flaps", "{:.1f}"),
+    (key, f"{words} (target-s)" if unit == "target-s" else words, _FORMATS[unit])
+    for key, words, unit in TABLE_METRICS if unit in _FORMATS
 ]
 
 # The README's "Built-in scenarios" table: each scenario with the policies its row reports (seed 1).
@@ -134,8 +132,6 @@ def render_run(steps: Sequence[Step]) -> str:
 
 def render_speed(steps: Sequence[Step]) -> str:
     """Mean and standard deviation over seeds at each speed, from each run's summary (compare.json has no sd)."""
-    import statistics
-
     keys = [k for k, _, _ in COMPARE_COLUMNS]
     cols: list[tuple[str, dict[str, tuple[float, float]]]] = []
     for step in steps:
