@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,10 @@ from hypothesis import strategies as st
 
 from lb.probes import MAX_STATUS_LINE, is_status_line_prefix, parse_status_line
 from lb.targets import ProbeOutcome
+
+# How a user starts lbsim: the installed script beside this Python, else the module (an uninstalled checkout).
+_SCRIPT = Path(sys.executable).with_name("lbsim")
+LBSIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "scenarios.cli"]
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,

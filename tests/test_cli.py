@@ -25,7 +25,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from pathlib import Path
 import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
+from support import LBSIM
 
 from lb.clock import ScaledClock
 from lb.policies import POLICY_TYPES, PRESETS
@@ -46,8 +46,6 @@ pytestmark = pytest.mark.timeout(60)
 START_LIMIT_S = 5.0
 EXIT_LIMIT_S = 10.0
 
-_SCRIPT = Path(sys.executable).with_name("lbsim")
-LBSIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "scenarios.cli"]
 
 SUMMARY_KEYS = {
     "scenario", "policy", "seed", "speed", "duration_s", "complete", "availability", "requests_total",

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console
-from support import LOOPS, run_on
+from support import LBSIM, LOOPS, run_on
 
 from lb.policies import POLICY_TYPES, PolicyError, parse_policy_spec
 from scenarios.compare import (
@@ -50,8 +50,6 @@ START_S = 5.0
 EXIT_S = 10.0
 PNG = b"\x89PNG\r\n\x1a\n"
 
-_SCRIPT = Path(sys.executable).with_name("lbsim")
-LBSIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "scenarios.cli"]
 
 DURATION, SPEED = 10.0, 20.0
 SCENARIO = """\
