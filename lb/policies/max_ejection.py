@@ -76,12 +76,13 @@ class MaxEjection(BuiltinPolicy):
         live = snap.registered()
         out = [t for t in live if t.id not in d.in_service]
         self._ejected &= {t.id for t in out}  # back in service or gone: no longer an active ejection
+        base_count = len(base_of(live, self.base))
         for t in sorted(
             (t for t in out if t.id in self._prev_in and t.id not in self._ejected), key=candidate_order
         ):
             if confirmed_down(t, snap.now, self.confirm_failures, self.confirm_window_s):
                 continue  # out of service, but not one of the cap's ejections
-            if self.allows(len(self._ejected), len(base_of(live, self.base))):
+            if self.allows(len(self._ejected), base_count):
                 self._ejected.add(t.id)
             else:
                 restore(d, t.id)

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from lb.policies.base import Positive
 from lb.policy import Decision, Snapshot, TargetView, ZoneMode
 
 # Float budgets such as 10% of 30 targets come out as 3.0000000000000004; compare with a little slack.
@@ -99,4 +100,4 @@ def fail_over_dns(d: Decision, failing: set[str]) -> None:
 CONFIRM_FAILURES = 3
 CONFIRM_WINDOW_S = 30.0
 ConfirmFailures = Annotated[int, Field(ge=0)]  # 0 = off: the reference behaviour
-ConfirmWindow = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+ConfirmWindow = Positive  # sim seconds
