@@ -24,7 +24,7 @@ from backends.controlplane.leasestore import (
 )
 from lb.clock import ScaledClock
 
-SPEED = 100.0
+SPEED = 25.0  # 100 left a loaded CI machine 10 ms of wall time per sim 1 s; two of five requests timed out
 NAME = "dynamodb.us-east-1.sim"
 
 # -- pure core: the table
@@ -509,11 +509,12 @@ def test_server_and_client_on_both_loops_leak_no_sockets(loop: str) -> None:
         clock = ScaledClock(SPEED)
         server = LeaseStoreServer(clock, CollectorRegistry())
         await server.start()
-        client = LeaseClient(clock, _resolves_to(["127.0.0.1"]), NAME, server.port, timeout_s=2.0)
+        client = LeaseClient(clock, _resolves_to(["127.0.0.1"]), NAME, server.port, timeout_s=30.0)
+        # 30 sim s is 1.2 s of wall time at SPEED: room for a loaded CI machine
         results = await asyncio.gather(*(client.acquire_lease(f"h{i}", 30) for i in range(5)))
         assert [r.outcome for r in results] == ["ok"] * 5
-        server.latency.base_latency_s = 100.0
-        timed_out = await client.renew_lease("h0", 30)  # 100 s of service against a 2 s timeout
+        server.latency.base_latency_s = 10_000.0
+        timed_out = await client.renew_lease("h0", 30)  # 10,000 s of service against a 30 s timeout
         assert timed_out.outcome == "timeout"
         await client.close()
         await server.close()  # with the timed-out renewal still in its service time: answered 503 at once
