@@ -9,6 +9,8 @@ import os
 import socket
 import struct
 
+from worlds.net import network
+
 HOST = "127.0.0.1"
 # Bursts of probes and client connections must not overflow an accept queue: an overflow drops SYNs, which
 # looks like packet loss for a second.
@@ -23,8 +25,9 @@ def bind(host: str, port: int) -> socket.socket:
     While it stays bound nobody else gets the port, and a connect to it is answered with RST
     (ECONNREFUSED): this is how a crashed backend or a `refuse` path keeps its address. SO_REUSEADDR lets
     it bind next to the established and TIME_WAIT connections a previous listener on the port left.
+    The socket comes from the running loop's world.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = network().socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setblocking(False)
@@ -74,7 +77,7 @@ class Blackhole:
         process could take the slot. A SYN from elsewhere (another process, a retransmission) that wins the
         race fills the queue just as well; the filler's connect then stays pending, which changes nothing.
         """
-        filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        filler = network().socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             filler.setblocking(False)
             sock.listen(0)

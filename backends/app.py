@@ -16,7 +16,7 @@ while `deep_ok` is false, a setting kept across modes) and `GET /work?bytes=N`. 
 - `crash`: the port stops listening (connections refused, existing ones dropped) but stays reserved;
   any other mode listens on the same port again.
 
-Times are sim-seconds; the fleet's `speed` (sim seconds per wall second) converts them.
+Times are sim-seconds, read and slept through the fleet's clock (its world's).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from pydantic import Field, model_validator
 
 from backends import _sockets
 from backends._sockets import BACKLOG, HOST
-from simconfig import ConfigModel, Flag, Fraction, PerSecond, Seconds, Whole, check_speed, check_takes, validated
+from simconfig import ConfigModel, Flag, Fraction, PerSecond, Seconds, Whole, check_takes, validated
+from worlds.base import Clock
 
 MAX_WORK_BYTES = 64 * 1024 * 1024
 _WORK_CHUNK = b"x" * 65536
@@ -163,9 +164,9 @@ class BackendFleet:
     """
 
     def __init__(
-        self, *, speed: float = 1.0, seed: int | str = 0, host: str = HOST, capacity_per_s: float | None = None
+        self, *, clock: Clock, seed: int | str = 0, host: str = HOST, capacity_per_s: float | None = None
     ) -> None:
-        self._speed = check_speed(speed)
+        self.clock = clock
         # The capacity of every backend until a mode change sets its own: checked by the same rule.
         self._capacity_per_s = validated(ModeChange, {"mode": "healthy", "capacity_per_s": capacity_per_s}
                                          ).capacity_per_s
@@ -176,10 +177,6 @@ class BackendFleet:
         self._runner: web.AppRunner | None = None
         # Listener changes await; concurrent ones (crash, then heal at once) must not interleave.
         self._lock = asyncio.Lock()
-
-    @property
-    def speed(self) -> float:
-        return self._speed
 
     async def start(self) -> None:
         if self._runner is not None:
@@ -298,7 +295,7 @@ class BackendFleet:
         rate = b.capacity_per_s
         if rate is None:
             return True
-        now = asyncio.get_running_loop().time() * self._speed
+        now = self.clock.now()
         burst = max(1.0, rate)
         b.tokens = burst if b.tokens_at == float("-inf") else min(burst, b.tokens + (now - b.tokens_at) * rate)
         b.tokens_at = now
@@ -310,7 +307,7 @@ class BackendFleet:
     async def _answer_delay(self, b: _Backend, extra_s: float) -> None:
         delay_s = extra_s + (b.latency_s if b.mode is BackendMode.SLOW else 0.0)
         if delay_s > 0:
-            await asyncio.sleep(delay_s / self._speed)
+            await self.clock.sleep(delay_s)
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         b = self._backend_for(request)

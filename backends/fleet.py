@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from backends._sockets import HOST
 from backends.app import BackendFleet, BackendState
 from backends.metrics import TargetsCollector
 from backends.netpath import FLAP_CAN_SERVE_BELOW, NetPath, PathConfig, could_serve
+from worlds.base import Clock
 
 
 class UnknownTarget(LookupError):
@@ -66,29 +66,27 @@ class _Target:
 class Targets:
     """Targets by id, each a zone label, a backend and a net path.
 
-    All times and rates are per sim-second; `speed` is sim seconds per wall second. The targets' metrics
+    All times and rates are per sim-second, on `clock` (the run's). The targets' metrics
     (see `backends.metrics`) are registered in `registry`: the one given, or a fresh one, never the global.
     """
 
     def __init__(
         self,
         *,
-        speed: float = 1.0,
+        clock: Clock,
         seed: int = 0,
         host: str = HOST,
         registry: CollectorRegistry | None = None,
         capacity_per_s: float | None = None,
-        now: Callable[[], float] | None = None,
         flap_can_serve_below: float = FLAP_CAN_SERVE_BELOW,
     ) -> None:
         """`capacity_per_s`: every backend's /work capacity (requests per sim second), None for unlimited.
-        `now`: the sim clock the net paths' time-slotted `flap` reads (see `NetPath`).
         `flap_can_serve_below`: the ground truth's loss threshold for a flapping path (see `could_serve`)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(TargetsCollector(self))
-        self._fleet = BackendFleet(speed=speed, seed=seed, host=host, capacity_per_s=capacity_per_s)
+        self._fleet = BackendFleet(clock=clock, seed=seed, host=host, capacity_per_s=capacity_per_s)
         self._seed = seed
-        self._now = now
+        self._clock = clock
         self._flap_can_serve_below = flap_can_serve_below
         self._host = host
         self._targets: dict[str, _Target] = {}
@@ -110,7 +108,7 @@ class Targets:
         backend_port = await self._fleet.add(target_id)
         seed = f"{self._seed}:{target_id}"
         path = NetPath(
-            target_id, self._host, backend_port, seed, speed=self._fleet.speed, host=self._host, now=self._now
+            target_id, self._host, backend_port, seed, clock=self._clock, host=self._host
         )
         try:
             port = await path.start()

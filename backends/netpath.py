@@ -21,8 +21,7 @@ States, in the spirit of Toxiproxy's toxics (docs/sources.md#toxiproxy), and wha
 
 A connection keeps the state it was accepted under; a change applies to new connections at once, and
 `cut_existing=True` also RSTs the live ones. A change never waits on wall time (see `NetPath.set_state`), so a
-timeline event lands at its sim time at any speed. Times and rates are per sim-second; `speed` (sim seconds per
-wall second) converts them.
+timeline event lands at its sim time at any speed. Times and rates are per sim-second, on the run's clock.
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ import logging
 import math
 import random
 import socket
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Annotated, cast
@@ -44,12 +42,13 @@ from pydantic import AfterValidator, Field
 
 from backends import _sockets
 from backends._sockets import BACKLOG, HOST
-from simconfig import ConfigModel, Fraction, PerSecond, Seconds, check_speed, check_takes, validated
+from simconfig import ConfigModel, Fraction, PerSecond, Seconds, check_takes, validated
+from worlds.base import Clock
 
 # A pipe stops reading its source while this much is delayed or paced but not yet written.
 _HIGH_WATER = 1 << 20
 # Pacing granularity: a bandwidth-limited chunk leaves in slices of about this much wall time.
-_SLICE_WALL_S = 0.01
+_SLICE_LOOP_S = 0.01
 
 
 log = logging.getLogger(__name__)
@@ -194,7 +193,7 @@ class _Side(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, so no isinstance
-        self.path._sides.add(self)
+        self.path._sides[self] = None
         if self.relay is None:
             self.path._accepted(self)
         else:
@@ -230,12 +229,12 @@ class _Pipe:
     pushes back or too much is queued, so memory stays bounded whatever the shaping.
     """
 
-    def __init__(self, src: _Side, config: PathConfig, speed: float, rng: random.Random) -> None:
+    def __init__(self, src: _Side, config: PathConfig, clock: Clock, rng: random.Random) -> None:
         self._loop = asyncio.get_running_loop()
         self._src = src
         self.dst: _Side | None = None  # set once the upstream is connected
         self._config = config
-        self._speed = speed
+        self._clock = clock
         self._rng = rng
         self._queue: collections.deque[tuple[float, bytes | _Mark]] = collections.deque()
         self._queued = 0
@@ -265,11 +264,11 @@ class _Pipe:
         due = now
         if cfg.state is PathState.LATENCY:
             delay = cfg.latency_s + self._rng.uniform(-cfg.jitter_s, cfg.jitter_s)
-            due += max(0.0, delay) / self._speed
+            due += self._clock.to_loop(max(0.0, delay))
         due = max(due, self._last_due)  # jitter must not reorder
         if cfg.state is PathState.BANDWIDTH and isinstance(data, bytes):
-            rate = cfg.rate_bytes_per_s * self._speed
-            step = max(1, int(rate * _SLICE_WALL_S))
+            rate = cfg.rate_bytes_per_s / self._clock.to_loop(1.0)  # bytes per loop second
+            step = max(1, int(rate * _SLICE_LOOP_S))
             for i in range(0, len(data), step):
                 piece = data[i : i + step]
                 due = max(due, self._link_free)
@@ -345,12 +344,12 @@ class _Relay:
         self.client = client
         self.upstream: _Side | None = None
         client.relay = self
-        self.up = _Pipe(client, config, path.speed, path._rng)
+        self.up = _Pipe(client, config, path.clock, path._rng)
         self.down: _Pipe | None = None
         self._closed = False
         self.dial = asyncio.get_running_loop().create_task(self._dial())
-        path._dials.add(self.dial)
-        self.dial.add_done_callback(path._dials.discard)
+        path._dials[self.dial] = None
+        self.dial.add_done_callback(lambda dial: path._dials.pop(dial, None))
 
     async def _dial(self) -> None:
         path = self._path
@@ -378,7 +377,7 @@ class _Relay:
             _sockets.reset(upstream.transport)
             return
         self.upstream = upstream
-        self.down = _Pipe(upstream, self._config, self._path.speed, self._path._rng)
+        self.down = _Pipe(upstream, self._config, self._path.clock, self._path._rng)
         self.down.connect(self.client)
         self.up.connect(upstream)
 
@@ -416,22 +415,19 @@ class NetPath:
         upstream_port: int,
         rng_seed: int | str = 0,
         *,
-        speed: float = 1.0,
+        clock: Clock,
         host: str = HOST,
-        now: Callable[[], float] | None = None,
     ) -> None:
-        """`now`: the sim clock a time-slotted `flap` reads; by default sim seconds since this path was made.
-        Pass the scenario's clock so that every path's slots line up with the scenario's time."""
+        """`clock`: the run's; a time-slotted `flap` reads it, so every path's slots line up with the scenario's
+        time."""
         self.target_id = target_id
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
-        self.speed = check_speed(speed)
+        self.clock = clock
         self.host = host
         self.port = 0
         self._rng = random.Random(rng_seed)
         self._seed = str(rng_seed)
-        self._epoch = time.monotonic()
-        self._now = now if now is not None else self._since_made
         self._config = PathConfig()
         self._counts: collections.Counter[str] = collections.Counter()
         self._cut = 0
@@ -439,8 +435,10 @@ class NetPath:
         self._server: asyncio.Server | None = None
         self._reserved: socket.socket | None = None
         self._blackhole: _sockets.Blackhole | None = None
-        self._sides: set[_Side] = set()
-        self._dials: set[asyncio.Task[None]] = set()
+        # Insertion-ordered dicts, not sets: sets of objects iterate in memory-address order, and the order
+        # of the RSTs sent to them must be the same in every run.
+        self._sides: dict[_Side, None] = {}
+        self._dials: dict[asyncio.Task[None], None] = {}
         self._all_gone: asyncio.Event | None = None
         self._lock = asyncio.Lock()
 
@@ -575,15 +573,12 @@ class NetPath:
         else:
             _Relay(self, client, config)
 
-    def _since_made(self) -> float:
-        return (time.monotonic() - self._epoch) * self.speed
-
     def _holds(self, config: PathConfig) -> bool:
         if config.period_s > 0:
-            return slot_lost(self._seed, math.floor(self._now() / config.period_s), config.loss)
+            return slot_lost(self._seed, math.floor(self.clock.now() / config.period_s), config.loss)
         return self._rng.random() < config.loss
 
     def _lost(self, side: _Side) -> None:
-        self._sides.discard(side)
+        self._sides.pop(side, None)
         if not self._sides and self._all_gone is not None:
             self._all_gone.set()

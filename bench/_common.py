@@ -34,6 +34,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from worlds.clock import ScaledClock
+
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Kernel counters that explain latency outliers and failed connections on loopback:
@@ -497,7 +499,7 @@ class Fleet(Child):
 async def _fleet(n: int) -> None:
     from backends.app import BackendFleet
 
-    fleet = BackendFleet()
+    fleet = BackendFleet(clock=ScaledClock())
     await fleet.start()
     ids = [f"b{i}" for i in range(n)]
     try:

@@ -47,9 +47,9 @@ SATURATION_TIMEOUT_S = 120.0
 
 
 async def _checker_child(cfg: dict[str, Any]) -> None:
-    from lb.checker import DEFAULT_WAKE_GRID_S_WALL, CheckConfig, CheckerCapacity, NodeChecker, ProbeReport
-    from lb.clock import ScaledClock
+    from lb.checker import DEFAULT_WAKE_GRID_S_LOOP, CheckConfig, CheckerCapacity, NodeChecker, ProbeReport
     from lb.targets import Target
+    from worlds.clock import ScaledClock
 
     lateness: list[float] = []
     outcomes: Counter[str] = Counter()
@@ -63,8 +63,8 @@ async def _checker_child(cfg: dict[str, Any]) -> None:
     n = len(cfg["ports"])
     # No rate limit and a slot per target: the interval alone sets the probe rate, not the capacity model.
     capacity = CheckerCapacity(max_in_flight=max(n, 1), max_per_second=math.inf)
-    grid = DEFAULT_WAKE_GRID_S_WALL if cfg["wake_grid_ms"] is None else cfg["wake_grid_ms"] / 1000
-    checker = NodeChecker("bench", ScaledClock(1.0), config, capacity, on_report, seed=1, wake_grid_s_wall=grid)
+    grid = DEFAULT_WAKE_GRID_S_LOOP if cfg["wake_grid_ms"] is None else cfg["wake_grid_ms"] / 1000
+    checker = NodeChecker("bench", ScaledClock(1.0), config, capacity, on_report, seed=1, wake_grid_s_loop=grid)
     for i, port in enumerate(cfg["ports"]):
         checker.add_target(Target(f"t{i}", "a", c.HOST, port))
     checker.start()

@@ -19,7 +19,6 @@ from pydantic import Field
 
 from lb.aio import cancel_and_wait
 from lb.checker import CheckConfig, CheckerCapacity, NodeChecker, ProbeReport
-from lb.clock import ScaledClock
 from lb.dnsview import DnsView
 from lb.health import HealthBoard, Transition
 from lb.metrics import LbMetrics
@@ -29,6 +28,7 @@ from lb.proxy import ConnectionReport, ConnOutcome, NodeProxy
 from lb.select import FlowHashSelector, RoundRobinSelector
 from lb.targets import ProbeOutcome, Target, TargetState
 from simconfig import ConfigModel, Flag, Seconds, validated
+from worlds.base import Clock
 
 # Data-path outcomes that say something about the target (the others are about the client or the LB itself).
 _PASSIVE_OK = {ConnOutcome.OK}
@@ -77,7 +77,7 @@ class LoadBalancer:
     def __init__(
         self,
         config: BalancerConfig,
-        clock: ScaledClock,
+        clock: Clock,
         policies: Iterable[Policy],
         registry: CollectorRegistry | None = None,
         seed: int = 0,
@@ -131,9 +131,9 @@ class LoadBalancer:
                     zone,
                     choose=self._chooser(zone),
                     on_outcome=self._on_connection,
-                    connect_timeout_s_wall=self.clock.to_wall(self.config.connect_timeout_s),
-                    idle_timeout_s_wall=(
-                        None if self.config.idle_timeout_s is None else self.clock.to_wall(self.config.idle_timeout_s)
+                    connect_timeout_s_loop=self.clock.to_loop(self.config.connect_timeout_s),
+                    idle_timeout_s_loop=(
+                        None if self.config.idle_timeout_s is None else self.clock.to_loop(self.config.idle_timeout_s)
                     ),
                 )
                 node_host = (hosts or {}).get(zone, host)
@@ -290,7 +290,7 @@ class LoadBalancer:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that races the
             # event, which made stop() hang.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.clock.to_wall(interval)):
+                async with asyncio.timeout(self.clock.to_loop(interval)):
                     await self._dirty.wait()
             self._dirty.clear()
             for t in self.board.tick(self.clock.now()):

@@ -30,7 +30,6 @@ from typing import Annotated, Any, Final, Literal, NamedTuple
 
 from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer
 
-from lb.clock import Clock, ScaledClock
 from lb.health import (
     AWS_DEFAULT_HEALTHY_THRESHOLD,
     AWS_DEFAULT_INTERVAL_S,
@@ -45,6 +44,7 @@ from lb.health import (
 from lb.probes import Prober, check_host_header, check_path
 from lb.targets import ProbeOutcome, Target
 from simconfig import ConfigModel, Fraction, Number, Seconds, UnlimitedRate, Whole, validated
+from worlds.base import Clock
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ _EPS: Final = 1e-9
 # probes start in batches and the cost falls to 100-140 us (HAProxy: 54-69 us), for at most 5 ms of wall time
 # of added lateness (p50 2.5 ms). The grid is absolute (multiples of loop.time()), so the checkers of all nodes
 # in one process wake together. 0 disables it.
-DEFAULT_WAKE_GRID_S_WALL: Final = 0.005
+DEFAULT_WAKE_GRID_S_LOOP: Final = 0.005
 
 ProbeFn = Callable[[str, int, float], Awaitable[ProbeOutcome]]
-"""(host, port, timeout in wall seconds) -> verdict. Must not raise except for cancellation."""
+"""(host, port, timeout in loop seconds) -> verdict. Must not raise except for cancellation."""
 
 
 def _threshold(v: int) -> int:
@@ -366,11 +366,11 @@ class ProbeReport:
 class NodeChecker:
     """One zone node's checker: probes every added target on its schedule and reports each verdict.
 
-    One scheduler task sleeps until the schedule's next wakeup (rounded up to `wake_grid_s_wall`, see
-    DEFAULT_WAKE_GRID_S_WALL) and starts all due probes in one batch. Each probe is a bare future from
+    One scheduler task sleeps until the schedule's next wakeup (rounded up to `wake_grid_s_loop`, see
+    DEFAULT_WAKE_GRID_S_LOOP) and starts all due probes in one batch. Each probe is a bare future from
     `lb.probes.start_probe` (a task only for a scripted `prober`), finished by a done callback. The scheduler
     is woken early when a target is added or a finished probe frees capacity that a due probe waits for.
-    Config times are sim seconds; probes get the timeout in wall seconds (`clock.to_wall`), and reports carry
+    Config times are sim seconds; probes get the timeout in loop seconds (`clock.to_loop`), and reports carry
     sim seconds. `on_report` is called from the event loop and must not block; an exception it raises is
     logged and does not stop the checker.
     """
@@ -385,10 +385,10 @@ class NodeChecker:
         seed: int = 0,
         *,
         prober: ProbeFn | None = None,
-        wake_grid_s_wall: float = DEFAULT_WAKE_GRID_S_WALL,
+        wake_grid_s_loop: float = DEFAULT_WAKE_GRID_S_LOOP,
     ) -> None:
-        if not (math.isfinite(wake_grid_s_wall) and wake_grid_s_wall >= 0):
-            raise ValueError(f"wake_grid_s_wall must be a finite number >= 0, got {wake_grid_s_wall}")
+        if not (math.isfinite(wake_grid_s_loop) and wake_grid_s_loop >= 0):
+            raise ValueError(f"wake_grid_s_loop must be a finite number >= 0, got {wake_grid_s_loop}")
         self.node = node
         self.config = config
         self.capacity = capacity
@@ -403,19 +403,19 @@ class NodeChecker:
         else:
             scripted = prober
             self._start_probe = lambda host, port, timeout: asyncio.ensure_future(scripted(host, port, timeout))
-        self._timeout_wall = clock.to_wall(config.timeout_s)
+        self._timeout_loop = clock.to_loop(config.timeout_s)
         # Never let the grid take more than 5% of a probe's timeout: at high speeds a few wall milliseconds are
         # a lot of sim time, and grid lateness alone must not push probes towards late timeouts.
-        self._grid = min(wake_grid_s_wall, self._timeout_wall / 20)
+        self._grid = min(wake_grid_s_loop, self._timeout_loop / 20)
         self._targets: dict[str, Target] = {}
         self._probing: dict[str, asyncio.Future[ProbeOutcome]] = {}  # target -> its probe in flight
         self._pending: set[asyncio.Future[ProbeOutcome]] = set()  # every probe not yet done, removed targets' too
         self._scheduler: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._kicked = False
-        # The real clock converts sim to wall time exactly, so the scheduler can sleep on a loop timer
+        # A world's clock converts sim to loop time exactly, so the scheduler can sleep on a loop timer
         # that a wake-up simply pre-empts. Other clocks (ManualClock) need their own sleep() raced.
-        self._wall_timers = isinstance(clock, ScaledClock)
+        self._loop_timers = clock.loop_timers
 
     # -- public API ----------------------------------------------------------------------------------------
 
@@ -506,7 +506,7 @@ class NodeChecker:
     @property
     def lookahead_s(self) -> float:
         """How early (sim seconds) a probe may start: one wake-up grid tick, or 0 without a grid."""
-        return self._grid * self._clock.speed if self._wall_timers and self._grid > 0 else 0.0
+        return self._clock.to_sim(self._grid) if self._loop_timers and self._grid > 0 else 0.0
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, sim_seconds: float | None) -> None:
         """Sleep `sim_seconds` (None: until kicked), returning early when `_kick` is called."""
@@ -515,8 +515,8 @@ class NodeChecker:
         timer: asyncio.TimerHandle | None = None
         sleeper: asyncio.Task[None] | None = None
         if sim_seconds is not None:
-            if self._wall_timers:
-                at = loop.time() + max(0.0, self._clock.to_wall(sim_seconds))
+            if self._loop_timers:
+                at = loop.time() + max(0.0, self._clock.to_loop(sim_seconds))
                 if self._grid > 0:
                     at = math.ceil(at / self._grid) * self._grid
                 timer = loop.call_at(at, _resolve, fut)
@@ -542,7 +542,7 @@ class NodeChecker:
     def _launch(self, target: Target, due: float, started: float) -> None:
         port = self.config.port if self.config.port is not None else target.port
         try:
-            probe = self._start_probe(target.host, port, self._timeout_wall)
+            probe = self._start_probe(target.host, port, self._timeout_loop)
         except Exception:
             # Only a broken scripted prober gets here; the scheduler must survive it.
             log.exception("checker %s: could not start a probe of %s", self.node, target.id)

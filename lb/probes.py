@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from lb.targets import ProbeOutcome
+from worlds.net import network
 
 MAX_STATUS_LINE: Final = 4096  # bytes read at most while waiting for the status line's CRLF
 USER_AGENT: Final = "lbsim-health"
@@ -180,8 +181,8 @@ class _Probe:
         self._fut: asyncio.Future[ProbeOutcome] = loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
 
-    def start(self, address: tuple[str, int], timeout_wall: float) -> asyncio.Future[ProbeOutcome]:
-        self._timer = self._loop.call_later(timeout_wall, self._finish, ProbeOutcome.TIMEOUT)
+    def start(self, address: tuple[str, int], timeout_loop: float) -> asyncio.Future[ProbeOutcome]:
+        self._timer = self._loop.call_later(timeout_loop, self._finish, ProbeOutcome.TIMEOUT)
         assert self._sock is not None
         err = self._sock.connect_ex(address)
         if err == 0:
@@ -315,11 +316,11 @@ def _connect(
     address: tuple[str, int],
     request: bytes | None,
     codes: frozenset[int],
-    timeout_s_wall: float,
+    timeout_s_loop: float,
     reset_close: bool,
 ) -> asyncio.Future[ProbeOutcome]:
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = network(loop).socket(family, socket.SOCK_STREAM)
     except OSError:
         return _resolved(loop, ProbeOutcome.REFUSED)  # out of file descriptors: no connection was attempted
     try:
@@ -329,7 +330,7 @@ def _connect(
         sock.close()
         return _resolved(loop, ProbeOutcome.REFUSED)
     try:
-        fut = probe.start(address, timeout_s_wall)
+        fut = probe.start(address, timeout_s_loop)
     except (OSError, ValueError, OverflowError):
         probe.close()
         return _resolved(loop, ProbeOutcome.REFUSED)  # connect_ex rejected the address (a port out of range)
@@ -343,12 +344,12 @@ async def _resolve_and_connect(
     port: int,
     request: bytes | None,
     codes: frozenset[int],
-    timeout_s_wall: float,
+    timeout_s_loop: float,
     reset_close: bool,
 ) -> ProbeOutcome:
     """The slow path for a host name: resolve it within the probe's time budget (getaddrinfo uses a thread)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s_wall
+    deadline = loop.time() + timeout_s_loop
     try:
         async with asyncio.timeout_at(deadline):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -371,7 +372,7 @@ def start_probe(
     port: int,
     request: bytes | None,
     codes: frozenset[int],
-    timeout_s_wall: float,
+    timeout_s_loop: float,
     *,
     reset_close: bool = True,
 ) -> asyncio.Future[ProbeOutcome]:
@@ -382,17 +383,17 @@ def start_probe(
     coroutine wrappers `probe_tcp` / `probe_http` are simpler to call.
     """
     loop = asyncio.get_running_loop()
-    if timeout_s_wall <= 0:
+    if timeout_s_loop <= 0:
         return _resolved(loop, ProbeOutcome.TIMEOUT)
     family = _literal_family(host)
     if family is None:
-        return loop.create_task(_resolve_and_connect(host, port, request, codes, timeout_s_wall, reset_close))
-    return _connect(loop, family, (host, port), request, codes, timeout_s_wall, reset_close)
+        return loop.create_task(_resolve_and_connect(host, port, request, codes, timeout_s_loop, reset_close))
+    return _connect(loop, family, (host, port), request, codes, timeout_s_loop, reset_close)
 
 
-async def probe_tcp(host: str, port: int, timeout_s_wall: float, *, reset_close: bool = True) -> ProbeOutcome:
+async def probe_tcp(host: str, port: int, timeout_s_loop: float, *, reset_close: bool = True) -> ProbeOutcome:
     """SUCCESS once the TCP handshake completes within the timeout; the connection is closed at once."""
-    return await start_probe(host, port, None, frozenset(), timeout_s_wall, reset_close=reset_close)
+    return await start_probe(host, port, None, frozenset(), timeout_s_loop, reset_close=reset_close)
 
 
 async def probe_http(
@@ -401,13 +402,13 @@ async def probe_http(
     path: str,
     host_header: str,
     success_codes: frozenset[int],
-    timeout_s_wall: float,
+    timeout_s_loop: float,
     *,
     reset_close: bool = True,
 ) -> ProbeOutcome:
     """GET `path` and judge the status line alone: SUCCESS if its code is in `success_codes`, else FAILURE."""
     request = build_request(path, host_header)
-    return await start_probe(host, port, request, success_codes, timeout_s_wall, reset_close=reset_close)
+    return await start_probe(host, port, request, success_codes, timeout_s_loop, reset_close=reset_close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,10 +428,10 @@ class Prober:
         if self.protocol == "http":
             object.__setattr__(self, "_request", build_request(self.path, self.host_header))
 
-    def start(self, host: str, port: int, timeout_s_wall: float) -> asyncio.Future[ProbeOutcome]:
+    def start(self, host: str, port: int, timeout_s_loop: float) -> asyncio.Future[ProbeOutcome]:
         """Start probing `host:port` once; see `start_probe`."""
-        return start_probe(host, port, self._request, self.success_codes, timeout_s_wall, reset_close=self.reset_close)
+        return start_probe(host, port, self._request, self.success_codes, timeout_s_loop, reset_close=self.reset_close)
 
-    async def probe(self, host: str, port: int, timeout_s_wall: float) -> ProbeOutcome:
+    async def probe(self, host: str, port: int, timeout_s_loop: float) -> ProbeOutcome:
         """Probe `host:port` once; same contract as `probe_tcp` / `probe_http`."""
-        return await self.start(host, port, timeout_s_wall)
+        return await self.start(host, port, timeout_s_loop)

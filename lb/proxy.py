@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import socket
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -49,7 +48,7 @@ from lb.targets import Target
 # ECONNRESET rather than a clean EOF. Packed once, used on every reset.
 _RST_LINGER = struct.pack("ii", 1, 0)
 
-DEFAULT_CONNECT_TIMEOUT_S_WALL = 10.0
+DEFAULT_CONNECT_TIMEOUT_S_LOOP = 10.0
 # How often, in idle timeouts, the idle sweep runs: a flow is reset between 1 and 1.25 idle timeouts after its
 # last byte, and the per-chunk path keeps no timestamps (the sweep compares byte counts between sweeps).
 _IDLE_SWEEPS_PER_TIMEOUT = 4
@@ -80,7 +79,7 @@ class ConnOutcome(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConnectionReport:
-    """The record of one accepted connection, emitted once it is fully closed. Durations are wall seconds."""
+    """The record of one accepted connection, emitted once it is fully closed. Durations are loop seconds."""
 
     zone: str
     target_id: str | None  # None when no target was chosen (no_target, or the node was stopping)
@@ -131,24 +130,24 @@ class NodeProxy:
         zone: str,
         choose: Callable[[FlowKey], Target | None],
         on_outcome: Callable[[ConnectionReport], None],
-        connect_timeout_s_wall: float = DEFAULT_CONNECT_TIMEOUT_S_WALL,
+        connect_timeout_s_loop: float = DEFAULT_CONNECT_TIMEOUT_S_LOOP,
         *,
-        idle_timeout_s_wall: float | None = None,
+        idle_timeout_s_loop: float | None = None,
         backlog: int = DEFAULT_BACKLOG,
         write_buffer_high: int = DEFAULT_WRITE_BUFFER_HIGH,
         early_data_limit: int = DEFAULT_EARLY_DATA_LIMIT,
     ) -> None:
-        if connect_timeout_s_wall <= 0:
-            raise ValueError(f"connect_timeout_s_wall must be > 0, got {connect_timeout_s_wall}")
-        if idle_timeout_s_wall is not None and not idle_timeout_s_wall > 0:
-            raise ValueError(f"idle_timeout_s_wall must be > 0 or None, got {idle_timeout_s_wall}")
+        if connect_timeout_s_loop <= 0:
+            raise ValueError(f"connect_timeout_s_loop must be > 0, got {connect_timeout_s_loop}")
+        if idle_timeout_s_loop is not None and not idle_timeout_s_loop > 0:
+            raise ValueError(f"idle_timeout_s_loop must be > 0 or None, got {idle_timeout_s_loop}")
         if write_buffer_high < 1 or early_data_limit < 1:
             raise ValueError("write_buffer_high and early_data_limit must be >= 1")
         self.zone = zone
         self._choose = choose
         self._on_outcome = on_outcome
-        self._connect_timeout = connect_timeout_s_wall
-        self._idle_timeout = idle_timeout_s_wall
+        self._connect_timeout = connect_timeout_s_loop
+        self._idle_timeout = idle_timeout_s_loop
         self._sweeper: asyncio.TimerHandle | None = None
         self._backlog = backlog
         self._high = write_buffer_high
@@ -158,8 +157,10 @@ class NodeProxy:
         self._server: asyncio.AbstractServer | None = None
         self._port = 0
         self._stopping = False
-        self._flows: set[_Flow] = set()
-        self._by_target: dict[str, set[_Flow]] = {}
+        # Insertion-ordered dicts, not sets: sets of objects iterate in memory-address order, and the order
+        # of the RSTs sent to them must be the same in every run.
+        self._flows: dict[_Flow, None] = {}
+        self._by_target: dict[str, dict[_Flow, None]] = {}
         self._idle: asyncio.Future[None] | None = None
         self.forced_finishes = 0  # flows stop() had to finish itself (see _Flow.force_finish)
         self.accepted = 0  # connections accepted since construction
@@ -266,12 +267,12 @@ class NodeProxy:
             self._sweeper = loop.call_later(period, self._sweep_idle)
 
     def _finished(self, flow: _Flow) -> None:
-        self._flows.discard(flow)
+        self._flows.pop(flow, None)
         target = flow.target
         if target is not None:
             flows = self._by_target.get(target.id)
             if flows is not None:
-                flows.discard(flow)
+                flows.pop(flow, None)
                 if not flows:
                     del self._by_target[target.id]
         idle = self._idle
@@ -291,6 +292,7 @@ class _Flow(asyncio.Protocol):
         "client_open",
         "connect_s",
         "done",
+        "loop",
         "node",
         "outcome",
         "pending",
@@ -329,6 +331,7 @@ class _Flow(asyncio.Protocol):
         self.outcome: ConnOutcome | None = None
         self.bytes_up = 0
         self.bytes_down = 0
+        self.loop = asyncio.get_running_loop()
         self.t0 = 0.0
         self.connect_s = 0.0
         self.done = False
@@ -340,10 +343,10 @@ class _Flow(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         client = cast(asyncio.Transport, transport)
         node = self.node
-        self.t0 = time.monotonic()
+        self.t0 = self.loop.time()
         self.client = client
         self.client_open = True
-        node._flows.add(self)
+        node._flows[self] = None
         node.accepted += 1
         if node._stopping:
             self._fail(ConnOutcome.TERMINATED)
@@ -367,9 +370,9 @@ class _Flow(asyncio.Protocol):
         self.target = target
         by_target = node._by_target.get(target.id)
         if by_target is None:
-            node._by_target[target.id] = {self}
+            node._by_target[target.id] = {self: None}
         else:
-            by_target.add(self)
+            by_target[self] = None
         client.set_write_buffer_limits(node._high, node._low)
         self.up_state = _CONNECTING
         loop = cast(asyncio.AbstractEventLoop, node._loop)
@@ -444,7 +447,7 @@ class _Flow(asyncio.Protocol):
     def _up_made(self, up: asyncio.Transport) -> None:
         self.up = up
         self.up_state = _CONNECTED
-        self.connect_s = time.monotonic() - self.t0
+        self.connect_s = self.loop.time() - self.t0
         timer = self.timer
         if timer is not None:
             timer.cancel()
@@ -548,7 +551,7 @@ class _Flow(asyncio.Protocol):
         if self.up_state == _CONNECTING:
             # connection_made never ran: the attempt failed, timed out or was abandoned.
             self.up_state = _CLOSED
-            self.connect_s = time.monotonic() - self.t0
+            self.connect_s = self.loop.time() - self.t0
             if self.outcome is None:
                 if not failed:
                     self.outcome = ConnOutcome.CONNECT_FAILED  # defensive: success without connection_made
@@ -652,7 +655,7 @@ class _Flow(asyncio.Protocol):
             self.bytes_up,
             self.bytes_down,
             self.connect_s,
-            time.monotonic() - self.t0,
+            self.loop.time() - self.t0,
         )
         # Last, after all bookkeeping: if the callback raises, the loop's exception handler reports it and the
         # proxy's state is still consistent.

@@ -21,7 +21,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from backends.controlplane.clock import SimClock
 from backends.controlplane.dnsservice import DnsService, DnsServiceConfig
 from backends.controlplane.hostmanager import HostManager, HostManagerConfig
 from backends.controlplane.instances import InstanceConfig, InstanceFleet
@@ -31,6 +30,7 @@ from backends.controlplane.netmanager import NetworkManager, NetworkManagerConfi
 from backends.controlplane.resolver import Resolver
 from backends.fleet import Targets
 from scenarios.schema import ControlAction, ControlPlaneSpec, Scenario
+from worlds.base import Clock
 
 ZONE_SUFFIX = "cp.lbsim"
 LEASE_STORE_NAME = f"leasestore.{ZONE_SUFFIX}"
@@ -52,7 +52,7 @@ class ControlPlane:
     def __init__(
         self,
         scenario: Scenario,
-        clock: SimClock,
+        clock: Clock,
         targets: Targets,
         registry: CollectorRegistry,
         *,

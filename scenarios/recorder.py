@@ -38,7 +38,8 @@ from typing import Any, Literal, NamedTuple
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.controlplane.clock import SimClock
+from worlds.base import Clock
+from worlds.net import http_connector
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ _HAS_CREATED = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
 # Two rounds closer than this would share a scrape time once rounded to ms.
 _T_STEP = 0.001
 _PARQUET_BATCH = 65536
+
+
+def _session() -> aiohttp.ClientSession:
+    """A client session on the running loop's network, without a cookie jar (aiohttp's reads the wall clock)."""
+    return aiohttp.ClientSession(connector=http_connector(), cookie_jar=aiohttp.DummyCookieJar())
 
 
 class Row(NamedTuple):
@@ -287,7 +293,7 @@ class Recorder:
 
     def __init__(
         self,
-        clock: SimClock,
+        clock: Clock,
         targets: Mapping[str, str],
         interval_s: float = 10.0,
         timeout_s: float | None = None,
@@ -330,7 +336,7 @@ class Recorder:
             raise RuntimeError("the recorder is already started")
         if self._spool.closed:
             raise RuntimeError("the recorder is closed")
-        self._session = aiohttp.ClientSession()
+        self._session = _session()
         self._task = asyncio.get_running_loop().create_task(self._run(self._session), name="lbsim-recorder")
 
     async def stop(self) -> None:
@@ -367,7 +373,7 @@ class Recorder:
         """Scrape every target now (also when not started: a final round after `stop()`); returns the round's t."""
         if self._session is not None and not self._session.closed:
             return await self._round(self._session)
-        async with aiohttp.ClientSession() as session:
+        async with _session() as session:
             return await self._round(session)
 
     async def _run(self, session: aiohttp.ClientSession) -> None:
@@ -379,7 +385,7 @@ class Recorder:
         # Claimed before the first await, so a concurrent scrape_once gets a later t.
         t = max(round(self.clock.now(), 3), round(self._last_t + _T_STEP, 3))
         self._last_t = t
-        timeout = aiohttp.ClientTimeout(total=self.clock.to_wall(self.timeout_s))
+        timeout = aiohttp.ClientTimeout(total=self.clock.to_loop(self.timeout_s))
         names = list(self.targets)
         bodies = await asyncio.gather(*(self._fetch(session, name, timeout) for name in names))
         rows: list[Row] = []

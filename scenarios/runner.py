@@ -27,7 +27,6 @@ from backends.fleet import Targets, UnknownTarget
 from lb.aio import cancel_and_wait
 from lb.balancer import BalancerConfig, LbEvent, LoadBalancer
 from lb.checker import CheckConfig, ProbeReport
-from lb.clock import ScaledClock
 from lb.metrics import MetricsServer
 from lb.policies import POLICY_TYPES, PolicyError, make_policy, parse_policy_spec, split_top
 from lb.policy import Policy
@@ -48,6 +47,7 @@ from scenarios.schema import Event, HostManagerSpec, Scenario, ScenarioError
 from scenarios.stages import StageRules, detect_stages
 from scenarios.traffic import DnsCache, RequestResult, TrafficGenerator
 from scenarios.truth import RunCollector
+from worlds.clock import ScaledClock
 
 # Lateness samples kept for the p99: a bounded reservoir, so a long run cannot grow memory without limit.
 _LATENESS_RESERVOIR = 20000
@@ -310,7 +310,7 @@ class ScenarioRun:
         stop = stop or asyncio.Event()
         lb_registry = CollectorRegistry()
         self.fleet = Targets(
-            speed=self.speed, seed=self.seed, capacity_per_s=sc.backend_capacity_per_s, now=clock.now,
+            clock=clock, seed=self.seed, capacity_per_s=sc.backend_capacity_per_s,
             flap_can_serve_below=sc.ground_truth.flap_can_serve_below,
         )
         self.lb = LoadBalancer(self._balancer_config(), clock, self.policies, lb_registry, seed=self.seed,

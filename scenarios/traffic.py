@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from lb.aio import cancel_and_wait
-from lb.clock import ScaledClock
+from worlds.base import Clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +35,12 @@ class DnsCache:
         return self._answer
 
 
-async def http_get(host: str, port: int, path: str, timeout_wall: float) -> str:
+async def http_get(host: str, port: int, path: str, timeout_loop: float) -> str:
     """One request on a new connection (an NLB-style flow). Returns "" on a 2xx answer, else the error kind."""
     writer: asyncio.StreamWriter | None = None
     clean = False
     try:
-        async with asyncio.timeout(timeout_wall):
+        async with asyncio.timeout(timeout_loop):
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(f"GET {path} HTTP/1.1\r\nHost: lbsim\r\nConnection: close\r\n\r\n".encode())
             status_line = await reader.readline()
@@ -75,7 +75,7 @@ class TrafficGenerator:
 
     def __init__(
         self,
-        clock: ScaledClock,
+        clock: Clock,
         lookup: Callable[[float], Awaitable[Sequence[str]]],
         rate_per_s: float,
         path: str,
@@ -128,7 +128,7 @@ class TrafficGenerator:
             return
         host, _, port = addresses[int(pick * len(addresses)) % len(addresses)].rpartition(":")
         remaining = self.timeout_s - (self.clock.now() - started)
-        err = await http_get(host, int(port), self.path, self.clock.to_wall(max(remaining, 0.0)))
+        err = await http_get(host, int(port), self.path, self.clock.to_loop(max(remaining, 0.0)))
         self.on_result(RequestResult(started, self.clock.now() - started, err == "", err))
 
     async def stop(self) -> None:

@@ -107,3 +107,33 @@ def probe_verdict(data: bytes, codes: frozenset[int]) -> ProbeOutcome | None:
     if len(head) >= MAX_STATUS_LINE or not is_status_line_prefix(head):
         return ProbeOutcome.MALFORMED
     return None
+
+
+class PinnedClock:
+    """A clock a test sets to any sim time, back or forth, for code that only reads `now()` (a slotted flap)."""
+
+    loop_timers = False
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def set(self, sim_time: float) -> None:
+        self.t = sim_time
+
+    def now(self) -> float:
+        return self.t
+
+    def restart(self, start: float = 0.0) -> None:
+        self.t = start
+
+    def to_loop(self, sim_seconds: float) -> float:
+        return sim_seconds
+
+    def to_sim(self, loop_seconds: float) -> float:
+        return loop_seconds
+
+    async def sleep(self, sim_seconds: float) -> None:
+        raise NotImplementedError("a pinned clock does not pass time")
+
+    async def sleep_until(self, sim_time: float) -> None:
+        raise NotImplementedError("a pinned clock does not pass time")

@@ -10,11 +10,12 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from support import open_sockets, wait_for
+from support import PinnedClock, open_sockets, wait_for
 
 from backends.admin import AdminServer
 from backends.fleet import Targets, UnknownTarget
 from backends.netpath import slot_lost
+from worlds.clock import ScaledClock
 
 HOST = "127.0.0.1"
 # A socket closed by the garbage collector rather than by us is a leak: make its ResourceWarning fail.
@@ -53,7 +54,7 @@ async def registry() -> CollectorRegistry:
 
 @pytest.fixture
 async def targets(registry: CollectorRegistry) -> AsyncIterator[Targets]:
-    async with Targets(speed=2.0, seed=5, registry=registry) as t:
+    async with Targets(clock=ScaledClock(2.0), seed=5, registry=registry) as t:
         await t.add("a1", "az-a")
         await t.add("a2", "az-a")
         await t.add("b1", "az-b")
@@ -189,7 +190,7 @@ async def test_metrics_come_from_the_injected_registry(
 
 
 async def test_registry_add_remove_and_errors() -> None:
-    async with Targets() as targets:
+    async with Targets(clock=ScaledClock()) as targets:
         host, port = await targets.add("t", "z")
         assert (host, port) == (HOST, targets.info("t").port)
         with pytest.raises(ValueError):
@@ -206,15 +207,15 @@ async def test_registry_add_remove_and_errors() -> None:
 async def test_the_flap_threshold_of_the_ground_truth_is_the_one_the_targets_were_given() -> None:
     """A path losing 40% of new connections can serve by the default rule (below half) and cannot with 0.3."""
     for threshold, expected in ((0.5, True), (0.3, False)):
-        async with Targets(flap_can_serve_below=threshold) as targets:
+        async with Targets(clock=ScaledClock(), flap_can_serve_below=threshold) as targets:
             await targets.add("a-0", "a")
             await targets.set_path("a-0", "flap", loss=0.4)
             assert targets.can_serve("a-0") is expected
 
 
 async def test_a_slotted_flap_follows_the_sim_clock_the_targets_were_given() -> None:
-    sim_now = [0.0]
-    async with Targets(seed=3, now=lambda: sim_now[0]) as targets:
+    clock = PinnedClock()
+    async with Targets(seed=3, clock=clock) as targets:
         host, port = await targets.add("a-0", "a")
         await targets.set_path("a-0", "flap", loss=0.5, period_s=10.0)
         # The path's seed is "<seed>:<target id>"; pick one slot it holds and one it relays, neither slot 0 (where
@@ -222,7 +223,7 @@ async def test_a_slotted_flap_follows_the_sim_clock_the_targets_were_given() -> 
         held = next(k for k in range(1, 100) if slot_lost("3:a-0", k, 0.5))
         kept = next(k for k in range(1, 100) if not slot_lost("3:a-0", k, 0.5))
         for slot in (held, kept):
-            sim_now[0] = slot * 10.0 + 5.0
+            clock.set(slot * 10.0 + 5.0)
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(b"GET /health HTTP/1.0\r\n\r\n")
             if slot == held:
@@ -236,7 +237,7 @@ async def test_a_slotted_flap_follows_the_sim_clock_the_targets_were_given() -> 
 
 async def test_close_releases_every_socket_and_task() -> None:
     before = open_sockets()
-    targets = Targets(seed=9)
+    targets = Targets(clock=ScaledClock(), seed=9)
     server = AdminServer(targets)
     await server.start()
     ports = (await targets.add("a", "z"))[1], (await targets.add("b", "z"))[1]

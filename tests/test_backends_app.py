@@ -12,6 +12,7 @@ import pytest
 from support import open_sockets, wait_for
 
 from backends.app import BackendFleet, BackendMode
+from worlds.clock import ScaledClock
 
 HOST = "127.0.0.1"
 # A socket closed by the garbage collector rather than by us is a leak: make its ResourceWarning fail.
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.timeout(30), pytest.mark.filterwarnings("error::Resour
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[BackendFleet]:
-    f = BackendFleet(speed=2.0, seed=1)
+    f = BackendFleet(clock=ScaledClock(2.0), seed=1)
     await f.start()
     yield f
     await f.stop()
@@ -96,9 +97,9 @@ async def test_capacity_answers_503_beyond_its_rate_and_leaves_health_checks_alo
     port = await fleet.add("a")
     rate = 5.0
     await fleet.set_mode("a", "healthy", capacity_per_s=rate)
-    t0 = time.monotonic()
+    t0 = fleet.clock.now()
     statuses = [(await get(http, port, "/work?bytes=1"))[0] for _ in range(30)]
-    elapsed_sim = (time.monotonic() - t0) * fleet.speed
+    elapsed_sim = fleet.clock.now() - t0
     ok = statuses.count(200)
     assert statuses.count(200) + statuses.count(503) == 30
     assert rate <= ok <= rate + elapsed_sim * rate + 1
@@ -200,7 +201,7 @@ async def test_rejected_mode_changes_leave_the_backend_as_it_was(fleet: BackendF
 
 async def test_stop_releases_every_socket_and_task() -> None:
     before = open_sockets()
-    fleet = BackendFleet(seed=2)
+    fleet = BackendFleet(clock=ScaledClock(), seed=2)
     await fleet.start()
     ports = [await fleet.add(name) for name in ("healthy", "hung", "slow", "crashed", "removed")]
     await fleet.set_mode("hung", "hang")

@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from support import LOOPS, open_sockets, run_on, wait_for
+from support import LOOPS, PinnedClock, open_sockets, run_on, wait_for
 
 from backends import _sockets
 from backends.netpath import NetPath, PathConfig, PathState, could_serve, slot_lost
+from worlds.clock import ScaledClock
 
 HOST = "127.0.0.1"
 # A socket closed by the garbage collector rather than by us is a leak: make its ResourceWarning fail.
@@ -76,7 +77,7 @@ async def echo_server() -> AsyncIterator[Upstream]:
 
 @pytest.fixture
 async def path(echo_server: Upstream) -> AsyncIterator[NetPath]:
-    p = NetPath("t1", HOST, echo_server.port, rng_seed=7)
+    p = NetPath("t1", HOST, echo_server.port, rng_seed=7, clock=ScaledClock())
     await p.start()
     yield p
     await p.stop()
@@ -118,7 +119,7 @@ async def test_relays_megabytes_both_ways_intact_and_honours_half_close(
         writer.close()
 
     async with Upstream(digest_then_send) as up:
-        p = NetPath("t1", HOST, up.port, rng_seed=1)
+        p = NetPath("t1", HOST, up.port, rng_seed=1, clock=ScaledClock())
         port = await p.start()
         await p.set_state(state, **params)
         reader, writer = await connect(port)
@@ -188,7 +189,7 @@ def test_every_state_change_is_complete_before_set_state_first_yields(loop_kind:
 
     async def body() -> None:
         async with Upstream(echo) as up:
-            p = NetPath("t1", HOST, up.port, rng_seed=5)
+            p = NetPath("t1", HOST, up.port, rng_seed=5, clock=ScaledClock())
             port = await p.start()
             try:
                 for before in ("open", "blackhole", "refuse"):
@@ -240,7 +241,7 @@ async def test_reset_accepts_then_resets(path: NetPath) -> None:
 
 async def test_upstream_down_resets_the_client() -> None:
     dead = _sockets.bind(HOST, 0)  # bound, not listening: the dial is refused
-    p = NetPath("t1", HOST, dead.getsockname()[1])
+    p = NetPath("t1", HOST, dead.getsockname()[1], clock=ScaledClock())
     port = await p.start()
     reader, writer = await connect(port)
     with pytest.raises(ConnectionResetError):
@@ -254,7 +255,7 @@ async def test_upstream_down_resets_the_client() -> None:
 async def test_latency_delays_each_direction_by_at_least_the_configured_sim_time(
     echo_server: Upstream,
 ) -> None:
-    p = NetPath("t1", HOST, echo_server.port, speed=2.0)
+    p = NetPath("t1", HOST, echo_server.port, clock=ScaledClock(2.0))
     port = await p.start()
     await p.set_state("latency", latency_s=0.3)  # 0.15 s wall each way
     reader, writer = await connect(port)
@@ -267,7 +268,7 @@ async def test_latency_delays_each_direction_by_at_least_the_configured_sim_time
 
 
 async def test_bandwidth_limits_throughput(echo_server: Upstream) -> None:
-    p = NetPath("t1", HOST, echo_server.port, speed=2.0)
+    p = NetPath("t1", HOST, echo_server.port, clock=ScaledClock(2.0))
     port = await p.start()
     rate_wall = 400_000 * 2.0
     await p.set_state("bandwidth", rate_bytes_per_s=400_000)
@@ -329,8 +330,8 @@ def test_slot_lost_is_a_fixed_function_of_seed_and_slot_with_the_loss_share() ->
 
 
 async def test_flap_with_a_period_holds_whole_slots_of_sim_time(echo_server: Upstream) -> None:
-    sim_now = [0.0]
-    p = NetPath("t1", HOST, echo_server.port, rng_seed="seed-1", now=lambda: sim_now[0])
+    clock = PinnedClock()
+    p = NetPath("t1", HOST, echo_server.port, rng_seed="seed-1", clock=clock)
     await p.start()
     try:
         await p.set_state("flap", loss=0.5, period_s=2.0)
@@ -340,7 +341,7 @@ async def test_flap_with_a_period_holds_whole_slots_of_sim_time(echo_server: Ups
         assert lost and kept
         for slot in (lost[0], kept[0]):
             for offset in (0.0, 1.0, 1.999):  # every connection of a slot shares its fate
-                sim_now[0] = slot * 2.0 + offset
+                clock.set(slot * 2.0 + offset)
                 reader, writer = await connect(p.port)
                 writer.write(b"ping\n")
                 if slot in lost:
@@ -357,14 +358,14 @@ async def test_flap_with_a_period_holds_whole_slots_of_sim_time(echo_server: Ups
 async def test_flap_with_a_period_gives_the_same_pattern_to_paths_with_the_same_seed(echo_server: Upstream) -> None:
     # Two runs of a scenario: the same seed and sim times, connections arriving in a different order and number.
     async def pattern(times: list[float]) -> list[bool]:
-        sim_now = [0.0]
-        p = NetPath("t1", HOST, echo_server.port, rng_seed="s", now=lambda: sim_now[0])
+        clock = PinnedClock()
+        p = NetPath("t1", HOST, echo_server.port, rng_seed="s", clock=clock)
         await p.start()
         try:
             await p.set_state("flap", loss=0.4, period_s=1.0)
             held = []
             for t in times:
-                sim_now[0] = t
+                clock.set(t)
                 before = p.counts["held"]
                 _, writer = await connect(p.port)
                 await wait_for(lambda: p.counts["held"] + p.counts["relayed"] > len(held))
@@ -402,7 +403,7 @@ async def test_state_change_spares_live_connections_unless_cut(path: NetPath) ->
 async def test_stop_releases_every_socket_and_task() -> None:
     before = open_sockets()
     async with Upstream(echo) as up:
-        p = NetPath("t1", HOST, up.port, rng_seed=3)
+        p = NetPath("t1", HOST, up.port, rng_seed=3, clock=ScaledClock())
         port = await p.start()
         relayed = await connect(port)
         relayed[1].write(b"hi\n")

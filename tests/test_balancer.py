@@ -48,10 +48,10 @@ from backends.fleet import Targets
 from backends.netpath import NetPath
 from lb.balancer import BalancerConfig, LbEvent, LoadBalancer
 from lb.checker import CheckConfig, CheckerCapacity, ProbeReport
-from lb.clock import ScaledClock
 from lb.policies import parse_policy_spec
 from lb.policy import ZoneMode
 from lb.targets import ProbeOutcome, Target, TargetState
+from worlds.clock import ScaledClock
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -89,7 +89,7 @@ class Rig:
         self.speed = speed
         self.per_zone = per_zone
         self.clock = ScaledClock(speed)
-        self.fleet = Targets(speed=speed, seed=3)
+        self.fleet = Targets(clock=ScaledClock(speed), seed=3)
         self.registry = CollectorRegistry()
         check = check or CheckConfig(interval_s=INTERVAL, timeout_s=TIMEOUT, jitter=0.0)
         self.config = BalancerConfig(
@@ -661,9 +661,9 @@ def test_net_path_stop_just_after_an_upstream_dial_completes_is_prompt(loop_kind
     runs of this file every few tries (fleet.close() taking 5.3-5.6 s); here the window is hit on purpose."""
 
     async def body() -> None:
-        fleet = BackendFleet(speed=SPEED)
+        fleet = BackendFleet(clock=ScaledClock(SPEED))
         await fleet.start()
-        path = NetPath("t", "127.0.0.1", await fleet.add("t"), speed=SPEED)
+        path = NetPath("t", "127.0.0.1", await fleet.add("t"), clock=fleet.clock)
         port = await path.start()
         client = socket.socket()
         client.setblocking(False)

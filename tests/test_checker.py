@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 
 from lb.checker import CheckConfig, CheckerCapacity, NodeChecker, ProbeReport
-from lb.clock import ManualClock, ScaledClock
 from lb.targets import ProbeOutcome, Target
+from worlds.clock import ManualClock, ScaledClock
 
 HOST = "127.0.0.1"
 SLACK_WALL_S = 0.100
@@ -325,8 +325,8 @@ async def test_tcp_checks_on_the_health_port() -> None:
 
 
 def test_checker_argument_validation() -> None:
-    with pytest.raises(ValueError, match="wake_grid_s_wall"):
-        NodeChecker("a", ScaledClock(), CheckConfig(), CheckerCapacity(), Reports(), wake_grid_s_wall=-1.0)
+    with pytest.raises(ValueError, match="wake_grid_s_loop"):
+        NodeChecker("a", ScaledClock(), CheckConfig(), CheckerCapacity(), Reports(), wake_grid_s_loop=-1.0)
 
 
 # -- manual clock and a scripted prober: exact, deterministic shell behaviour -------------------------------
@@ -338,7 +338,7 @@ class Gate:
     def __init__(self) -> None:
         self.waiting: list[tuple[int, asyncio.Future[ProbeOutcome]]] = []
 
-    async def __call__(self, host: str, port: int, timeout_s_wall: float) -> ProbeOutcome:
+    async def __call__(self, host: str, port: int, timeout_s_loop: float) -> ProbeOutcome:
         fut: asyncio.Future[ProbeOutcome] = asyncio.get_running_loop().create_future()
         self.waiting.append((port, fut))
         return await fut
@@ -442,7 +442,7 @@ async def test_callback_and_prober_errors_do_not_stop_the_checker(caplog: pytest
     seen: list[ProbeReport] = []
     calls = 0
 
-    async def flaky(host: str, port: int, timeout_s_wall: float) -> ProbeOutcome:
+    async def flaky(host: str, port: int, timeout_s_loop: float) -> ProbeOutcome:
         nonlocal calls
         calls += 1
         if calls == 1:

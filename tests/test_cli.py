@@ -36,10 +36,10 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 from support import LBSIM
 
-from lb.clock import ScaledClock
 from lb.policies import POLICY_TYPES, PRESETS
 from scenarios.cli import summary_table
 from scenarios.schema import builtin_names
+from worlds.clock import ScaledClock
 
 pytestmark = pytest.mark.timeout(60)
 

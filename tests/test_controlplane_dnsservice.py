@@ -17,8 +17,8 @@ from support import LOOPS, open_sockets, run_on, wait_for
 from backends.controlplane.dnsautomation import DnsAutomation, RaceConfig, RaceMode
 from backends.controlplane.dnsplan import Protections, WriteOutcome
 from backends.controlplane.dnsservice import DnsService, DnsServiceConfig, served_addresses
-from lb.clock import ScaledClock
 from scenarios.schema import ScenarioError, load_scenario
+from worlds.clock import ScaledClock
 
 SPEED = 100.0
 CONFIG = DnsServiceConfig()  # planner every 5 s, 3 enactors, 0.5 s per write, keep 3 generations

@@ -16,7 +16,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support import LOOPS, open_sockets, run_on, wait_for
 
-from backends.controlplane.clock import SimClock
 from backends.controlplane.hostmanager import (
     DEFAULT_HARD_CAP,
     HostLeases,
@@ -28,7 +27,8 @@ from backends.controlplane.hostmanager import (
     Placement,
     RecoveryQueue,
 )
-from lb.clock import ManualClock, ScaledClock
+from worlds.base import Clock
+from worlds.clock import ManualClock, ScaledClock
 
 # -- pure core: leases
 
@@ -373,7 +373,7 @@ class Result:
 class FakeLeaseStore:
     """A lease store on the sim clock. Down: every call answers "unresolvable" at once (empty DNS record)."""
 
-    def __init__(self, clock: SimClock, latency_s: float = 0.05) -> None:
+    def __init__(self, clock: Clock, latency_s: float = 0.05) -> None:
         self.clock, self.latency_s = clock, latency_s
         self.up = True
         self.expiry: dict[str, float] = {}

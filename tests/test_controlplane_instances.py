@@ -24,7 +24,7 @@ from backends.controlplane.instances import (
 from backends.controlplane.netmanager import NetworkManager, NetworkManagerConfig
 from backends.fleet import Targets, UnknownTarget
 from backends.netpath import PathState
-from lb.clock import ScaledClock
+from worlds.clock import ScaledClock
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.filterwarnings("error::ResourceWarning")]
 
@@ -146,7 +146,7 @@ class Rig:
     ) -> None:
         self.clock = ScaledClock(SPEED)
         self.registry = CollectorRegistry()
-        self.targets = Targets(speed=SPEED, registry=self.registry)
+        self.targets = Targets(clock=ScaledClock(SPEED), registry=self.registry)
         self.placement = SwitchPlacement(capacity)
         self.net = NetworkManager(self.clock, net or NetworkManagerConfig(rate_per_s=20.0), self.registry)
         self.launched: list[tuple[str, str, str, int]] = []
@@ -178,12 +178,12 @@ class Rig:
         return self.fleet.instance(iid).state
 
 
-async def health(port: int, timeout_wall: float = 0.3) -> int:
+async def health(port: int, timeout_loop: float = 0.3) -> int:
     """GET /health through a target's path; TimeoutError if the path does not deliver in time."""
-    async with asyncio.timeout(timeout_wall):
+    async with asyncio.timeout(timeout_loop):
         reader, writer = await asyncio.open_connection(HOST, port)
     try:
-        async with asyncio.timeout(timeout_wall):
+        async with asyncio.timeout(timeout_loop):
             writer.write(b"GET /health HTTP/1.0\r\nHost: lbsim\r\n\r\n")
             status = await reader.readline()
             await reader.read()
@@ -339,7 +339,7 @@ def test_network_admission_rejection_cleans_the_launch_up() -> None:
 def test_terminated_records_are_capped_and_still_counted() -> None:
     async def body() -> None:
         clock, registry = ScaledClock(SPEED), CollectorRegistry()
-        targets = Targets(speed=SPEED, registry=registry)
+        targets = Targets(clock=ScaledClock(SPEED), registry=registry)
         net = NetworkManager(clock, NetworkManagerConfig(), registry)
         fleet = InstanceFleet(clock, targets, SwitchPlacement(100), net, registry, InstanceConfig(max_terminated=2))
         try:

@@ -22,7 +22,7 @@ from backends.controlplane.leasestore import (
     TokenBucket,
     service_latency,
 )
-from lb.clock import ScaledClock
+from worlds.clock import ScaledClock
 
 SPEED = 25.0  # 100 left a loaded CI machine 10 ms of wall time per sim 1 s; two of five requests timed out
 NAME = "dynamodb.us-east-1.sim"

@@ -20,7 +20,7 @@ from backends.controlplane.netmanager import (
 )
 from backends.fleet import Targets
 from backends.netpath import PathState
-from lb.clock import ManualClock, ScaledClock
+from worlds.clock import ManualClock, ScaledClock
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.filterwarnings("error::ResourceWarning")]
 
@@ -239,7 +239,7 @@ def test_partial_propagation_flaps_the_path_then_opens_it(loop_kind: str, period
         before = open_sockets()
         clock = ScaledClock(SPEED)
         registry = CollectorRegistry()
-        targets = Targets(speed=SPEED)
+        targets = Targets(clock=ScaledClock(SPEED))
         applied: list[tuple[float, str, dict[str, float], PathState]] = []
 
         async def apply(iid: str, state: str, params: dict[str, float]) -> None:

@@ -19,7 +19,7 @@ from support import LOOPS, open_sockets, run_on, wait_for
 
 from backends.controlplane.dnsserver import DnsServer
 from backends.controlplane.resolver import Answer, DnsCache, LookupOutcome, Resolver, classify, normalize
-from lb.clock import ScaledClock
+from worlds.clock import ScaledClock
 
 SPEED = 100.0
 TTL = 30  # sim seconds: 0.3 s wall at SPEED

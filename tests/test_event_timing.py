@@ -18,9 +18,9 @@ import pytest
 from support import LOOPS, run_on, wait_for
 
 from backends.fleet import TargetInfo
-from lb.clock import ScaledClock
 from scenarios.runner import ScenarioRun
 from scenarios.schema import parse_scenario
+from worlds.clock import ScaledClock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,7 +121,7 @@ def test_every_target_of_an_event_changes_at_its_time(
             infos.extend(run.fleet.info(t) for t in TARGETS)
             ports = [info.port for info in infos]
             # A connect that a health check would give up on (its timeout) must not get through.
-            timeout = run.clock.to_wall(sc.health_check.timeout_s)
+            timeout = run.clock.to_loop(sc.health_check.timeout_s)
             seen.extend(await asyncio.gather(*(connect_outcome(p, timeout) for p in ports)))
             stop.set()
 

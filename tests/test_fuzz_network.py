@@ -511,7 +511,7 @@ async def run_proxy_case(case: ProxyCase) -> None:
     bport = await backend.start()
     reports: list[ConnectionReport] = []
     target = Target("t1", "az-a", HOST, bport)
-    proxy = NodeProxy("az-a", lambda _key: target, reports.append, connect_timeout_s_wall=2.0)
+    proxy = NodeProxy("az-a", lambda _key: target, reports.append, connect_timeout_s_loop=2.0)
     pport = await proxy.start(HOST, 0)
 
     _, client = await loop.create_connection(Peer, HOST, pport)

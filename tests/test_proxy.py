@@ -591,7 +591,7 @@ def test_connect_timeout_resets_the_client(loop_kind: str) -> None:
     async def body() -> None:
         listener, fillers = black_hole()
         try:
-            h = Harness(fixed(target(listener.getsockname()[1])), connect_timeout_s_wall=0.2)
+            h = Harness(fixed(target(listener.getsockname()[1])), connect_timeout_s_loop=0.2)
             await h.start()
             client = await connect(h.port)
             assert isinstance(await client.lost, ConnectionResetError)
@@ -612,7 +612,7 @@ def test_early_client_bytes_are_bounded_while_connecting(loop_kind: str) -> None
     async def body() -> None:
         listener, fillers = black_hole()
         try:
-            h = Harness(fixed(target(listener.getsockname()[1])), connect_timeout_s_wall=30.0)
+            h = Harness(fixed(target(listener.getsockname()[1])), connect_timeout_s_loop=30.0)
             await h.start()
             client = await connect(h.port)
             client.t.write(b"x" * (4 * MiB))
@@ -662,7 +662,7 @@ def test_a_silent_flow_is_reset_after_the_idle_timeout(loop_kind: str) -> None:
     async def body() -> None:
         backend = Backend(Endpoint)
         bport = await backend.start()
-        h = Harness(fixed(target(bport)), idle_timeout_s_wall=IDLE_S)
+        h = Harness(fixed(target(bport)), idle_timeout_s_loop=IDLE_S)
         await h.start()
         client = await connect(h.port)
         client.t.write(b"request")
@@ -687,7 +687,7 @@ def test_a_flow_that_keeps_moving_bytes_outlives_the_idle_timeout(loop_kind: str
     async def body() -> None:
         backend = Backend(lambda: Endpoint(echo=True))
         bport = await backend.start()
-        h = Harness(fixed(target(bport)), idle_timeout_s_wall=IDLE_S)
+        h = Harness(fixed(target(bport)), idle_timeout_s_loop=IDLE_S)
         await h.start()
         client = await connect(h.port)
         loop = asyncio.get_running_loop()
@@ -709,8 +709,8 @@ def test_a_flow_that_keeps_moving_bytes_outlives_the_idle_timeout(loop_kind: str
 
 def test_no_idle_timeout_by_default_and_a_bad_one_is_refused() -> None:
     assert NodeProxy("a", fixed(None), lambda _r: None)._idle_timeout is None
-    with pytest.raises(ValueError, match="idle_timeout_s_wall"):
-        NodeProxy("a", fixed(None), lambda _r: None, idle_timeout_s_wall=0.0)
+    with pytest.raises(ValueError, match="idle_timeout_s_loop"):
+        NodeProxy("a", fixed(None), lambda _r: None, idle_timeout_s_loop=0.0)
 
 
 def test_client_reset_resets_the_upstream(loop_kind: str) -> None:
@@ -842,7 +842,7 @@ def test_stop_resets_everything_and_leaves_no_fds_or_tasks(loop_kind: str) -> No
             return hanging if n == 1 else live
 
         fds_before = set(os.listdir("/proc/self/fd"))
-        h = Harness(choose, connect_timeout_s_wall=30.0)
+        h = Harness(choose, connect_timeout_s_loop=30.0)
         await h.start()
         connecting = await connect(h.port)  # stuck connecting to the black hole
         clients = [await connect(h.port) for _ in range(5)]

@@ -45,6 +45,9 @@ class Network(Protocol):
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket: ...
 
+    def http_connector(self, **kwargs: Any) -> aiohttp.TCPConnector:
+        """An aiohttp connector whose sockets come from this network."""
+
 
 class World(Protocol):
     """A clock, a network, a root seed and the event loop they belong to."""
@@ -61,6 +64,3 @@ class World(Protocol):
 
     def run(self, main: Coroutine[Any, Any, T]) -> T:
         """Run `main` to completion on a fresh event loop of this world."""
-
-    def http_connector(self, **kwargs: Any) -> aiohttp.TCPConnector:
-        """An aiohttp connector whose sockets come from this world's network."""

@@ -23,6 +23,9 @@ class RealNetwork:
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         return socket.socket(family, type)
 
+    def http_connector(self, **kwargs: Any) -> aiohttp.TCPConnector:
+        return aiohttp.TCPConnector(**kwargs)
+
 
 def uvloop_available() -> bool:
     try:
@@ -58,6 +61,3 @@ class RealWorld:
     def run(self, main: Coroutine[Any, Any, T]) -> T:
         with asyncio.Runner(loop_factory=self.new_event_loop) as runner:
             return runner.run(main)
-
-    def http_connector(self, **kwargs: Any) -> aiohttp.TCPConnector:
-        return aiohttp.TCPConnector(**kwargs)

@@ -25,11 +25,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import Field
 
-from backends.controlplane.clock import SimClock
 from backends.controlplane.dnsautomation import AutomationConfig, DnsAutomation, DnsTiming, EnactorNames
 from backends.controlplane.dnsplan import Event, Plan, Planner, PlanStore, Records, WriteOutcome
 from backends.controlplane.dnsserver import HOST, DnsServer
 from simconfig import WholeSeconds
+from worlds.base import Clock
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class DnsService:
 
     def __init__(
         self,
-        clock: SimClock,
+        clock: Clock,
         config: DnsServiceConfig,
         endpoints: Mapping[str, Records],
         registry: CollectorRegistry | None = None,

@@ -43,7 +43,7 @@ Rules of this model:
    threshold while the hosts are offered again, or, preventively, max_depth below the threshold.
 No I/O and no clock reads in the core (`HostLeases`, `Placement`, `RecoveryQueue`): the caller passes `now`.
 
-The asyncio shell, `HostManager`, drives the core on a `SimClock`: a scheduler task hands due renewals to
+The asyncio shell, `HostManager`, drives the core on a `Clock`: a scheduler task hands due renewals to
 `renew_concurrency` renewer tasks (a host's first renewal is a put, `acquire_lease`: the fleet was leased
 before the simulation began but the store starts empty), moves lapsed hosts to expired and offers them to the
 queue (rejected ones again after retry_s, throttled ones as soon as the bucket has a token); `workers` worker
@@ -67,8 +67,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field, model_validator
 
-from backends.controlplane.clock import SimClock
 from simconfig import ConfigModel, Fraction, MaxDepth, Rate, Seconds, Whole, validated
+from worlds.base import Clock
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +516,7 @@ class HostManager:
 
     def __init__(
         self,
-        clock: SimClock,
+        clock: Clock,
         leases: LeaseApi,
         config: HostManagerConfig | None = None,
         registry: CollectorRegistry | None = None,

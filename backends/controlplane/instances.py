@@ -43,10 +43,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field
 
-from backends.controlplane.clock import SimClock
 from backends.controlplane.netmanager import NetworkManager
 from backends.fleet import Targets, UnknownTarget
 from simconfig import ConfigModel, Number, Rate, Seconds, Whole, validated
+from worlds.base import Clock
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class InstanceFleet:
 
     def __init__(
         self,
-        clock: SimClock,
+        clock: Clock,
         targets: Targets,
         placement: Placement,
         network: NetworkManager,

@@ -6,7 +6,7 @@ Rules:
    manager's renewals once cached answers expire (docs/sources.md#aws-summary).
 2. Otherwise it connects to the first address, or a random one if an `rng` is given, on `port`, with a fresh
    connection per request (`force_close`): a kept-alive connection would outlive an emptied record.
-3. One deadline, `timeout_s` sim seconds (converted with `clock.to_wall`), covers resolving, connecting and the
+3. One deadline, `timeout_s` sim seconds (converted with `clock.to_loop`), covers resolving, connecting and the
    response; past it the outcome is "timeout" (the store may still apply the request: it does not know).
 4. Calls never raise for network or HTTP errors. Outcomes: ok, conflict (409), not_found (404), throttled
    (429), unavailable (503, or the connection refused or reset), unresolvable, timeout, error (anything else:
@@ -27,8 +27,10 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from backends.controlplane.clock import Resolve, SimClock
 from backends.controlplane.leasestore import KEY_PATTERN
+from backends.controlplane.resolver import Resolve
+from worlds.base import Clock
+from worlds.net import http_connector
 
 
 class Outcome(StrEnum):
@@ -70,7 +72,7 @@ class LeaseClient:
 
     def __init__(
         self,
-        clock: SimClock,
+        clock: Clock,
         resolve: Resolve,
         name: str,
         port: int,
@@ -143,9 +145,11 @@ class LeaseClient:
         if self._closed:
             raise RuntimeError("lease client is closed")
         if self._session is None:
-            connector = aiohttp.TCPConnector(force_close=True, limit=self._max_connections)
+            connector = http_connector(force_close=True, limit=self._max_connections)
             # No session timeout: each call's deadline is the asyncio.timeout around it (rule 3).
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+            # No cookie jar: nothing here uses cookies, and aiohttp's jar reads the wall clock.
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                                  cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def _call(
@@ -161,7 +165,7 @@ class LeaseClient:
         session = self._session_now()
         start = self._clock.now()
         try:
-            async with asyncio.timeout(self._clock.to_wall(self.timeout_s)):
+            async with asyncio.timeout(self._clock.to_loop(self.timeout_s)):
                 addresses = await self._resolve(self.name)
                 if not addresses:
                     return self._result(Outcome.UNRESOLVABLE, start)

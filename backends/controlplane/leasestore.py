@@ -43,8 +43,8 @@ from prometheus_client.registry import Collector
 from pydantic import Field
 
 from backends._sockets import BACKLOG, HOST
-from backends.controlplane.clock import SimClock
 from simconfig import ConfigModel, Number, Rate, Seconds, validated
+from worlds.base import Clock
 
 # Keys travel in URL paths: a plain charset needs no quoting on either side.
 KEY_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,200}")
@@ -310,7 +310,7 @@ class LeaseStoreServer:
 
     def __init__(
         self,
-        clock: SimClock,
+        clock: Clock,
         registry: CollectorRegistry,
         capacity_per_s: float = 200.0,
         burst: float | None = None,

@@ -42,9 +42,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import Field, model_validator
 
-from backends.controlplane.clock import SimClock
 from backends.netpath import PathConfig
 from simconfig import ConfigModel, Fraction, MaxDepth, PerSecond, Seconds, Whole, validated
+from worlds.base import Clock
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class NetworkManager:
 
     def __init__(
         self,
-        clock: SimClock,
+        clock: Clock,
         config: NetworkManagerConfig | None = None,
         registry: CollectorRegistry | None = None,
         apply: Apply | None = None,

@@ -10,7 +10,7 @@ Rules:
    (docs/sources.md#aws-summary).
 3. Concurrent lookups of one name that miss the cache share one query (no thundering herd on the server).
 4. One query per miss over UDP (`dns.asyncquery.udp`), no retry and no TCP fallback: a truncated answer is an
-   error. The timeout is in sim seconds and converted to wall time by the clock.
+   error. The timeout is in sim seconds and converted to loop time by the clock.
 5. Every lookup is counted once by outcome: `cache`, or the outcome of the query it waited for.
 The cache and the answer classification are pure (`DnsCache`, `classify`); `Resolver` is the asyncio shell.
 """
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -34,9 +35,13 @@ import dns.rdatatype
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from backends.controlplane.clock import SimClock
+from worlds.base import Clock
 
 log = logging.getLogger(__name__)
+
+# How a control-plane client finds a service by name: the addresses the name resolves to now (an empty list
+# when the record is empty, NXDOMAIN or the DNS server does not answer). The resolver honours TTLs on its own.
+Resolve = Callable[[str], Awaitable[list[str]]]
 
 
 class LookupOutcome(StrEnum):
@@ -159,15 +164,16 @@ def _collector_for(registry: CollectorRegistry) -> _LookupCollector:
 
 
 class Resolver:
-    """A caching stub resolver for one authoritative server; `resolve` fits `clock.Resolve`."""
+    """A caching stub resolver for one authoritative server; `resolve` fits `Resolve`."""
 
     def __init__(
         self,
-        clock: SimClock,
+        clock: Clock,
         server: tuple[str, int],
         timeout_s: float = 2.0,
         registry: CollectorRegistry | None = None,
         client: str = "default",
+        rng: random.Random | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -182,6 +188,8 @@ class Resolver:
         )
         self._inflight: dict[str, asyncio.Task[Answer]] = {}
         self._closed = False
+        # Query ids from a seeded stream, not dnspython's SystemRandom: the same run sends the same bytes.
+        self._ids = rng if rng is not None else random.Random(f"dns-ids/{client}")
 
     @property
     def server(self) -> tuple[str, int]:
@@ -221,10 +229,10 @@ class Resolver:
             del self._inflight[key]
 
     async def _query(self, key: str) -> Answer:
-        query = dns.message.make_query(key, dns.rdatatype.A)
+        query = dns.message.make_query(key, dns.rdatatype.A, id=self._ids.getrandbits(16))
         try:
             response = await dns.asyncquery.udp(
-                query, self._host, timeout=self._clock.to_wall(self.timeout_s), port=self._port
+                query, self._host, timeout=self._clock.to_loop(self.timeout_s), port=self._port
             )
         except dns.exception.Timeout:
             return Answer(LookupOutcome.TIMEOUT)
