@@ -27,7 +27,6 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import yaml
 from lb.aio import cancel_and_wait
 from lb.policies import PolicyError, load_policy_class, register_policy
 from lb.policy import Policy
+from worlds.real import Stopwatch
 
 # The metrics of the printed table and of the "versus" sentences: (summary key, words, unit). A "points" metric
 # is a share, compared in percentage points.
@@ -378,7 +378,7 @@ class CompareRunner:
             if self._stop.is_set():
                 return JobResult(job, None, 0.0, "", None)
             job.dir.mkdir(parents=True, exist_ok=True)
-            started = time.monotonic()
+            watch = Stopwatch()
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(job), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, **_own_group(),
@@ -396,7 +396,7 @@ class CompareRunner:
                     with contextlib.suppress(ProcessLookupError):
                         await asyncio.shield(proc.wait())
                 self._procs.discard(proc)
-            result = JobResult(job, rc, time.monotonic() - started, tail, read_summary(job.dir))
+            result = JobResult(job, rc, watch.elapsed(), tail, read_summary(job.dir))
         if self._on_done is not None:
             self._on_done(result)
         return result

@@ -23,7 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from worlds.real import RealNetwork
+
 LOOPBACK = "127.0.0.1"
+KERNEL = RealNetwork()  # fixed ports are the host's, whichever world a run is in
 
 
 class PortError(Exception):
@@ -84,7 +87,7 @@ def check_free(claims: Iterable[PortClaim]) -> None:
     for c in claims:
         family = socket.AF_INET6 if ipaddress.ip_address(c.host).version == 6 else socket.AF_INET
         kind = socket.SOCK_STREAM if c.proto == "tcp" else socket.SOCK_DGRAM
-        with socket.socket(family, kind) as s:
+        with KERNEL.socket(family, kind) as s:
             if family == socket.AF_INET6:
                 # As asyncio's create_server does: an IPv6 listener does not also take the IPv4 port.
                 with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import time
 from collections.abc import Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -61,3 +62,13 @@ class RealWorld:
     def run(self, main: Coroutine[Any, Any, T]) -> T:
         with asyncio.Runner(loop_factory=self.new_event_loop) as runner:
             return runner.run(main)
+
+
+class Stopwatch:
+    """Wall time since it was made: what a run or a bench costs, reported beside sim results, never in them."""
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
