@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
 from importlib import resources
@@ -50,10 +50,11 @@ from scenarios.ports import (
     unavailable,
 )
 from scenarios.report import ReportError, compare_table, is_compare_dir, is_run_dir, plot_compare, plot_run, read_json
-from scenarios.runner import Progress as RunProgress
 from scenarios.runner import ScenarioRun
+from scenarios.sampler import Progress as RunProgress
 from scenarios.schema import Scenario, ScenarioError, builtin_names, load_scenario
 from scenarios.serve import DEFAULT_PORTS, plan_ports, serve, serving_scenario
+from worlds.real import RealWorld
 
 
 def _tidy_params(params: list[Any]) -> list[Any]:
@@ -132,15 +133,12 @@ async def until_signalled(body: Callable[[asyncio.Event], Awaitable[T]]) -> T:
                 loop_.remove_signal_handler(sig)
 
 
-def run_async(coro: Coroutine[Any, Any, T], loop: LoopKind) -> T:
-    if loop == LoopKind.uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            console.print("[yellow]uvloop is not installed here; using the asyncio loop[/]")
-        else:
-            return uvloop.run(coro)
-    return asyncio.run(coro)
+def real_world(speed: float, seed: int, loop: LoopKind) -> RealWorld:
+    """The world a run from the command line runs in: wall time x `speed` on loopback, on the `loop` asked for."""
+    world = RealWorld(speed=speed, seed=seed, loop=loop.value)
+    if world.loop_kind != loop.value:
+        console.print("[yellow]uvloop is not installed here; using the asyncio loop[/]")
+    return world
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -250,7 +248,8 @@ def run(
             console.print(f"[yellow]note:[/] {escape(source)}: health_check.{escape(note)} "
                           "(fine for a compressed scenario)",
                           soft_wrap=True)
-        r = ScenarioRun(sc, list(policy) if policy else None, source=source, speed=speed, seed=seed,
+        world = real_world(speed if speed is not None else sc.speed, seed if seed is not None else sc.seed, loop)
+        r = ScenarioRun(sc, list(policy) if policy else None, world=world, source=source,
                         metrics_port=metrics_port, admin_port=admin_port, on_started=print_ports)
         listeners = {"metrics": PortClaim("--metrics-port", "/metrics", LOOPBACK, metrics_port),
                      "admin": PortClaim("--admin-port", "backends admin API", LOOPBACK, admin_port)}
@@ -261,7 +260,7 @@ def run(
     target = out_dir or Path("runs") / f"{sc.name}-{datetime.now():%Y%m%d-%H%M%S}"
     check_run_dir(target, force)
     try:
-        summary = run_with_progress(r, loop, quiet)
+        summary = run_with_progress(r, quiet)
     except ScenarioError as e:
         r.write(target, r.summary())  # what was recorded up to the failing event is kept
         raise _fail(f"{e} (partial results in {target})") from None
@@ -271,13 +270,14 @@ def run(
         raise _fail(f"{start_failure(e, listeners)} (partial results in {target})") from None
     r.write(target, summary)
     plot_run(target)  # run.png: routable targets and request success over sim time, events marked
-    out.print(summary_table(summary))
+    info = r.run_info()
+    out.print(summary_table({**summary, **info}))
     stages = stages_table(summary)
     if stages is not None:
         out.print(stages)
-    if not summary["fidelity_ok"]:
+    if not info["fidelity_ok"]:
         console.print(
-            f"[yellow]warning:[/] the event loop lagged {summary['loop_lag_p99_s']:.3g} sim s (p99), more than a "
+            f"[yellow]warning:[/] the event loop lagged {info['loop_lag_p99_s']:.3g} sim s (p99), more than a "
             "tenth of the shortest timeout: this machine cannot keep up at this speed, so some timeouts are the "
             "simulator's own. Lower --speed for faithful results.",
             soft_wrap=True,
@@ -321,7 +321,7 @@ def print_ports(ports: dict[str, Any]) -> None:
                       "lb.lbsim or leasestore.cp.lbsim)", highlight=False, soft_wrap=True)
 
 
-def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, Any]:
+def run_with_progress(r: ScenarioRun, quiet: bool) -> dict[str, Any]:
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -347,7 +347,7 @@ def run_with_progress(r: ScenarioRun, loop: LoopKind, quiet: bool) -> dict[str, 
 
     with progress:
         try:
-            return run_async(main(), loop)
+            return r.world.run(main())
         except asyncio.CancelledError:
             console.print("stopped by a second signal; writing what was recorded")
             return r.summary()
@@ -421,7 +421,8 @@ def serve_command(
         claims = plan_ports(served, metrics=metrics_port, admin=admin_port, dns=dns_port, node=node_port,
                             targets=targets_port, host=host)
         keep = record if record is not None else out_dir is not None
-        r = ScenarioRun(served, list(policy) if policy else None, source=source, speed=speed, seed=seed,
+        world = real_world(speed, seed if seed is not None else served.seed, loop)
+        r = ScenarioRun(served, list(policy) if policy else None, world=world, source=source,
                         metrics_port=metrics_port, admin_port=targets_port,
                         ports={"dns": dns_port, "node": node_port}, record=keep, bind=host)
         check_free(claims)
@@ -449,7 +450,7 @@ def serve_command(
 
     failure: str | None = None
     try:
-        summary = run_async(main(), loop)
+        summary = r.world.run(main())
     except asyncio.CancelledError:
         console.print("stopped by a second signal")
         summary = r.summary()
@@ -681,7 +682,9 @@ def report(
             png = plot_compare(directory, doc)
         else:
             summary = read_json(directory / "summary.json")
-            out.print(summary_table(summary))
+            # A run directory written before run.json existed has the loop lag in summary.json.
+            info = read_json(directory / "run.json") if (directory / "run.json").is_file() else {}
+            out.print(summary_table({**summary, **info}))
             stages = stages_table(summary)
             if stages is not None:
                 out.print(stages)

@@ -7,10 +7,11 @@ Rules:
    SIGINT per signal it gets to every running child (the child then writes its partial results), waits a bounded
    time and kills what is left. Nothing is launched after a stop; no child outlives `CompareRunner.run`.
 3. A failing child (exit code other than 0 and 130) is reported with the tail of its stderr; the others go on.
-4. compare.json aggregates every numeric summary metric (mean, min, max over the runs that wrote a summary).
-   Booleans (`complete`, `fidelity_ok`) count as 0/1, so a min of 0 says some run was not; None (a p99 of no
-   requests) is left out; strings and lists (`policy`, `policies`, `stages`) and `seed` are skipped; a mapping of
-   counts (`withheld_by_reason`) is aggregated per key, as `withheld_by_reason.budget` and so on.
+4. compare.json aggregates every numeric summary metric, run.json's included (mean, min, max over the runs
+   that wrote a summary). Booleans (`complete`, `fidelity_ok`) count as 0/1, so a min of 0 says some run was
+   not; None (a p99 of no requests) is left out; strings and lists (`policy`, `policies`, `stages`) and `seed`
+   are skipped; a mapping of counts (`withheld_by_reason`) is aggregated per key, as `withheld_by_reason.budget`
+   and so on.
 5. Policies come as a spec (`naive`, `scenario+velocity`), a YAML file of policy entries (a scenario's
    `policy:` list, or one mapping), or `module.path:ClassName` -- the last imports and so runs user code, and
    only with `allow_import`.
@@ -315,11 +316,20 @@ def child_argv(job: Job, scenario: str, *, speed: float | None = None, overrides
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's summary.json with its run.json figures (`loop_lag_p99_s`, `fidelity_ok`) added; None without one."""
     try:
         data = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        info = None  # a run that stopped before writing it, or one written before run.json existed
+    if isinstance(info, dict):
+        data.update({k: v for k, v in info.items() if k not in data})
+    return data
 
 
 class CompareRunner:

@@ -161,7 +161,7 @@ def check_event(ev: Event, view: RunView) -> Event:
             if elsewhere:
                 raise EventRejected(400, f"targets: {elsewhere} are not in zone {ev.zone!r}")
         return ev
-    # Selected by zone and count: the live targets, as ScenarioRun._select would pick them, named by id.
+    # Selected by zone and count: the live targets, as scenarios.system.Registrar.select picks them, named by id.
     ids = [t for t, z in view.targets.items() if t in view.live and (ev.zone is None or z == ev.zone)]
     if ev.count is not None:
         ids = ids[: ev.count]
@@ -292,18 +292,18 @@ class ServeAdmin:
     # -- handlers
 
     def _ready(self) -> bool:
-        r = self.run
-        return r.lb is not None and r.lb.dns is not None and r.fleet is not None and hasattr(r, "clock")
+        return self.run.system is not None  # assembled: listening, its load balancer's DNS view set
 
     def view(self) -> RunView:
         r = self.run
-        assert r.lb is not None and r.fleet is not None
+        system = r.system
+        assert system is not None
         return RunView(
             zones=tuple(r.scenario.zones),
-            targets={tid: t.zone for tid, t in sorted(r.lb.targets.items())},
-            live=frozenset(i.id for i in r.fleet.snapshot()),
+            targets={tid: t.zone for tid, t in sorted(system.lb.targets.items())},
+            live=frozenset(i.id for i in system.fleet.snapshot()),
             policies=frozenset(p.name for p in r.policies),
-            control_plane=r.control is not None,
+            control_plane=system.control is not None,
             enactors=tuple(r.scenario.enactor_names()) if r.scenario.control_plane is not None else (),
         )
 
@@ -315,12 +315,14 @@ class ServeAdmin:
         if not self._ready():
             return _error(503, "the run is still starting")
         r = self.run
-        assert r.lb is not None and r.lb.dns is not None
-        snap = r.lb.snapshot()
+        assert r.system is not None
+        lb = r.system.lb
+        snap = lb.snapshot()
         req = r.state.requests
+        assert lb.dns is not None
         return web.json_response(state_document(
             scenario=r.scenario.name, policy=r.policy_name, now=r.clock.now(), speed=r.speed, zones=r.scenario.zones,
-            zones_in_dns=r.lb.dns.zones, targets=[(t.id, t.zone, t.state.value) for t in snap.targets],
+            zones_in_dns=lb.dns.zones, targets=[(t.id, t.zone, t.state.value) for t in snap.targets],
             requests_total=req.total, requests_failed=req.failed, outcomes=r.state.client_outcomes,
         ))
 

@@ -78,12 +78,13 @@ async def test_the_race_empties_the_record_unless_a_protection_is_on(protection:
         assert RACE["at"] < start <= RACE["at"] + 25 + 2 * PLANNER
         # Back at the recorder's first scrape after the restore (a loaded loop can delay that scrape, so the
         # bound is the scrape's own time, not the nominal interval).
-        assert run.recorder is not None
-        assert end == pytest.approx(min(t for t in run.recorder.scrape_times if t >= 50), abs=0.01)
+        assert run.system is not None and run.system.recorder is not None
+        assert end == pytest.approx(min(t for t in run.system.recorder.scrape_times if t >= 50), abs=0.01)
         assert any(e["kind"] == "dns_emptied" for e in run.state.events)
         # The host manager's resolver asked and got the empty answer once its cached one expired.
-        assert run.control is not None and run.control.host_resolver is not None
-        assert run.control.host_resolver.counts[LookupOutcome.EMPTY] > 0
+        control = run.system.control
+        assert control is not None and control.host_resolver is not None
+        assert control.host_resolver.counts[LookupOutcome.EMPTY] > 0
     else:
         assert "dns-record-empty" not in found
         assert min(records) >= 1

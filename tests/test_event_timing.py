@@ -20,7 +20,7 @@ from support import LOOPS, run_on, wait_for
 from backends.fleet import TargetInfo
 from scenarios.runner import ScenarioRun
 from scenarios.schema import parse_scenario
-from worlds.clock import ScaledClock
+from worlds.base import Clock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,7 +52,7 @@ BASE: dict[str, Any] = {
 class LoopTicks:
     """The sim time of every loop iteration while it runs."""
 
-    def __init__(self, clock: ScaledClock) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.stamps: list[float] = []
         self._handle: asyncio.Handle | None = None
@@ -117,8 +117,8 @@ def test_every_target_of_an_event_changes_at_its_time(
         async def check_the_wire() -> None:
             # Bounded by the run's set-up, which ends before t = 0, plus AT sim seconds.
             await wait_for(lambda: "applied_at" in run.last_applied, within=30.0)
-            assert run.fleet is not None
-            infos.extend(run.fleet.info(t) for t in TARGETS)
+            assert run.system is not None
+            infos.extend(run.system.fleet.info(t) for t in TARGETS)
             ports = [info.port for info in infos]
             # A connect that a health check would give up on (its timeout) must not get through.
             timeout = run.clock.to_loop(sc.health_check.timeout_s)

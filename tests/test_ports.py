@@ -29,6 +29,7 @@ from scenarios.ports import (
 )
 from scenarios.runner import ScenarioRun
 from scenarios.schema import Scenario
+from worlds.real import RealWorld
 
 SMALL: dict[str, Any] = {
     "name": "ports-small",
@@ -132,7 +133,8 @@ def test_a_port_taken_after_the_check_is_named_and_the_run_releases_everything(
             held.listen(1)
             port = held.getsockname()[1]
             claims[listener] = PortClaim(option, listener, "127.0.0.1", port)
-            run = ScenarioRun(sc, speed=20.0, seed=1, metrics_port=port if listener == "metrics" else 0,
+            run = ScenarioRun(sc, world=RealWorld(speed=20.0, seed=1),
+                              metrics_port=port if listener == "metrics" else 0,
                               admin_port=port if listener == "admin" else 0)
             with pytest.raises(ListenError) as info:
                 await run.run()

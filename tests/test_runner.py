@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from backends.fleet import Targets
-from scenarios.runner import MAX_EVENTS, RunState, ScenarioRun
+from scenarios.journal import MAX_EVENTS, RunState
+from scenarios.runner import ScenarioRun
 from scenarios.schema import ScenarioError, parse_scenario
+from worlds.real import RealWorld
 
 BASE = {
     "speed": 20,
@@ -77,7 +79,7 @@ async def test_set_policy_of_a_policy_the_run_lacks_is_skipped_and_logged() -> N
     sc = parse_scenario({**BASE, "name": "x", "duration_s": 3,
                          "timeline": [{"at": 1, "set_policy": {"policy": "dns-failover", "param": "enabled",
                                                                "value": False}}]}, "f.yaml")
-    run = ScenarioRun(sc, ["naive"], source="f.yaml", speed=20)
+    run = ScenarioRun(sc, ["naive"], source="f.yaml", world=RealWorld(speed=20))
     summary = await run.run()
     assert summary["complete"] is True
     [entry] = [e for e in run.state.events if e["kind"] == "timeline"]
@@ -90,10 +92,10 @@ def test_events_past_the_cap_are_counted_not_kept_but_still_tallied(tmp_path: Pa
     run.state.max_events = 3
     logged = [("ejected", "a-0"), ("transition", "a-0"), ("restored", "a-0")]
     for i, (kind, subject) in enumerate(logged):
-        run._log(float(i), kind, subject, {})
+        run.journal.log(float(i), kind, subject, {})
     assert run.summary()["events_dropped"] == 0  # up to the cap: everything kept
     for i, (kind, subject) in enumerate([("ejected", "a-1"), ("dns_removed", "a")], start=3):
-        run._log(float(i), kind, subject, {})
+        run.journal.log(float(i), kind, subject, {})
     assert [(e["kind"], e["subject"]) for e in run.state.events] == logged  # the first ones, in order
     summary = run.summary()
     assert summary["events_dropped"] == 2
@@ -133,7 +135,7 @@ def test_withheld_events_reach_the_summary_by_reason_even_past_the_cap() -> None
     run = ScenarioRun(parse_scenario({**BASE, "name": "holds"}, "test"))
     run.state.max_events = 1
     for i, detail in enumerate(["velocity/floor", "velocity/budget", "max-ejection/cap", "velocity/floor"]):
-        run._log(float(i), "withheld", "a-0", {"detail": detail})
+        run.journal.log(float(i), "withheld", "a-0", {"detail": detail})
     summary = run.summary()
     assert summary["events_dropped"] == 3
     assert summary["withheld_by_reason"] == {"budget": 1, "floor": 2, "cap": 1, "keep-serving": 0, "other": 0}

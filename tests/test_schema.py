@@ -17,7 +17,6 @@ import yaml
 from backends.controlplane import hostmanager, netmanager
 from lb.balancer import BalancerSettings
 from lb.checker import CheckConfig, CheckerCapacity, CheckSettings
-from scenarios.runner import ScenarioRun
 from scenarios.schema import (
     Event,
     Scenario,
@@ -28,6 +27,7 @@ from scenarios.schema import (
     parse_scenario,
     selections_overlap,
 )
+from scenarios.system import balancer_config
 
 SECONDS = "a number of sim seconds, e.g. 10 or 0.5; strings like '10s' are not accepted"
 CP = "control_plane: {}\n"
@@ -295,7 +295,7 @@ def test_the_load_balancer_specs_are_the_lbs_own_configs() -> None:
                          "load_balancer": {"idle_timeout_s": None, "selection": "round-robin"}}, "f")
     assert isinstance(sc.health_check, CheckSettings) and isinstance(sc.checker, CheckerCapacity)
     assert isinstance(sc.load_balancer, BalancerSettings)
-    config = ScenarioRun(sc)._balancer_config()
+    config = balancer_config(sc)
     assert config.zones == ("a", "b") and config.capacity == sc.checker
     assert dict(config.check).items() >= dict(sc.health_check).items()
     assert dict(config).items() >= dict(sc.load_balancer).items()

@@ -39,6 +39,7 @@ from scenarios.serve import (
     serving_scenario,
     state_document,
 )
+from worlds.real import RealWorld
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -210,7 +211,7 @@ def test_admin_api_applies_events_and_refuses_bad_ones_without_change(kind: str)
 
     async def body() -> None:
         before = open_sockets()
-        run = ScenarioRun(sc, speed=100.0, seed=3, record=False)
+        run = ScenarioRun(sc, world=RealWorld(speed=100.0, seed=3), record=False)
         stop = asyncio.Event()
         ready: asyncio.Future[list[tuple[str, str]]] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(serve(run, stop, token="t0k", on_ready=ready.set_result))
@@ -228,8 +229,8 @@ def test_admin_api_applies_events_and_refuses_bad_ones_without_change(kind: str)
                 async with http.post(f"{base}/events", data=bad, headers=auth) as r:
                     assert r.status == status and "error" in await r.json()
             assert len(run.state.events) == events_before
-            assert run.fleet is not None
-            assert all(i.path.state.value == "open" for i in run.fleet.snapshot())
+            assert run.system is not None
+            assert all(i.path.state.value == "open" for i in run.system.fleet.snapshot())
             async with http.post(f"{base}/events", json={"zone": "a", "path": {"state": "blackhole"}},
                                  headers=auth) as r:
                 assert r.status == 200

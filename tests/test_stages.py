@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scenarios.runner import full_queue_depth
+from scenarios.results import full_queue_depth
 from scenarios.schema import HostManagerSpec
 from scenarios.stages import StageRules, detect_stages
 

@@ -36,7 +36,8 @@ def _bound_per_target(sc: Scenario, confirm_failures: int = 3) -> float:
 
 
 async def _missed(sc: Scenario, policy: str) -> dict[str, Any]:
-    return await ScenarioRun(sc, [policy], source="built-in:zone-outage").run()
+    run = ScenarioRun(sc, [policy], source="built-in:zone-outage")
+    return {**await run.run(), **run.run_info()}
 
 
 @pytest.mark.parametrize("policy", ["velocity", "max-ejection", "envoy", "aws-velocity"])

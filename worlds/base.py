@@ -54,8 +54,13 @@ class World(Protocol):
 
     name: WorldName
     seed: int | str
-    clock: Clock
-    network: Network
+
+    # Read-only, so that a world's own clock and network classes satisfy the protocol (attributes are invariant).
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def network(self) -> Network: ...
 
     def rng(self, name: str) -> random.Random:
         """A random stream for one component, derived from the root seed and `name` alone."""
