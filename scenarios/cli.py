@@ -54,6 +54,7 @@ from scenarios.runner import ScenarioRun
 from scenarios.sampler import Progress as RunProgress
 from scenarios.schema import Scenario, ScenarioError, builtin_names, load_scenario
 from scenarios.serve import DEFAULT_PORTS, plan_ports, serve, serving_scenario
+from worlds.base import World
 from worlds.real import RealWorld
 
 
@@ -110,6 +111,16 @@ class LoopKind(StrEnum):
 LOOP_METAVAR = "|".join(LoopKind)
 
 
+class WorldKind(StrEnum):
+    real = "real"
+    sim = "sim"
+
+
+WORLD_METAVAR = "|".join(WorldKind)
+WORLD_HELP = ("real: loopback sockets and wall time x --speed (the default: real sockets, as the design promises); "
+              "sim: virtual time and an in-memory network, deterministic for a seed and as fast as the CPU allows.")
+
+
 async def until_signalled(body: Callable[[asyncio.Event], Awaitable[T]]) -> T:
     """Run `body(stop)` with SIGINT and SIGTERM wired to it: the first signal sets `stop` (a clean stop that keeps
     results); a second one, if that stop is stuck, cancels the body."""
@@ -139,6 +150,24 @@ def real_world(speed: float, seed: int, loop: LoopKind) -> RealWorld:
     if world.loop_kind != loop.value:
         console.print("[yellow]uvloop is not installed here; using the asyncio loop[/]")
     return world
+
+
+def make_world(kind: WorldKind, sc: Scenario, *, speed: float | None, seed: int | None, loop: LoopKind | None,
+               fixed_ports: Mapping[str, int]) -> World:
+    """The world `--world` asks for. Options that only mean something in the real world are refused in the
+    simulated one rather than ignored: its clock has no speed, its loop is its own and its listeners are in memory,
+    out of reach of anything outside the run."""
+    seed = seed if seed is not None else sc.seed
+    if kind is WorldKind.real:
+        return real_world(speed if speed is not None else sc.speed, seed, loop or LoopKind.uvloop)
+    given = [name for name, value in (("--speed", speed), ("--loop", loop)) if value is not None]
+    given += [option for option, port in fixed_ports.items() if port]
+    if given:
+        raise ScenarioError(f"{', '.join(given)} only apply to --world real: a sim run has no wall clock to scale, "
+                            "runs on its own event loop and listens only inside the simulated network")
+    from worlds.sim import SimWorld
+
+    return SimWorld(seed=seed)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -228,7 +257,9 @@ def run(
     admin_port: Annotated[int, typer.Option(metavar="PORT",
                                             help="Loopback port of the backends' admin API; 0 picks a free one.",
                                             min=0, max=65535)] = 0,
-    loop: Annotated[LoopKind, typer.Option(metavar=LOOP_METAVAR, help="Event loop implementation.")] = LoopKind.uvloop,
+    loop: Annotated[LoopKind | None, typer.Option(metavar=LOOP_METAVAR,
+                                                  help="Event loop of a real run [default: uvloop].")] = None,
+    world_kind: Annotated[WorldKind, typer.Option("--world", metavar=WORLD_METAVAR, help=WORLD_HELP)] = WorldKind.real,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into an --out directory that is not empty.")] = False,
@@ -248,9 +279,11 @@ def run(
             console.print(f"[yellow]note:[/] {escape(source)}: health_check.{escape(note)} "
                           "(fine for a compressed scenario)",
                           soft_wrap=True)
-        world = real_world(speed if speed is not None else sc.speed, seed if seed is not None else sc.seed, loop)
+        world = make_world(world_kind, sc, speed=speed, seed=seed, loop=loop,
+                           fixed_ports={"--metrics-port": metrics_port, "--admin-port": admin_port})
         r = ScenarioRun(sc, list(policy) if policy else None, world=world, source=source,
-                        metrics_port=metrics_port, admin_port=admin_port, on_started=print_ports)
+                        metrics_port=metrics_port, admin_port=admin_port,
+                        on_started=print_ports if world.name == "real" else None)
         listeners = {"metrics": PortClaim("--metrics-port", "/metrics", LOOPBACK, metrics_port),
                      "admin": PortClaim("--admin-port", "backends admin API", LOOPBACK, admin_port)}
         # Before the run directory exists: a taken port must not leave an empty run behind.
@@ -342,7 +375,8 @@ def run_with_progress(r: ScenarioRun, quiet: bool) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         if r.on_progress is not None and not quiet:
-            console.print(f"starting {escape(r.scenario.name)} at speed {r.speed:g} (Ctrl-C stops and keeps results)")
+            where = f"at speed {r.speed:g}" if r.speed is not None else "in the sim world"
+            console.print(f"starting {escape(r.scenario.name)} {where} (Ctrl-C stops and keeps results)")
         return await until_signalled(r.run)
 
     with progress:
@@ -583,8 +617,9 @@ def compare(
         help="Runs at a time, each its own process with its own ports (default: 2, or 1 on a 1-core machine; "
              "a run uses about half a core at its default speed).", min=1)] = DEFAULT_JOBS,
     overrides: Annotated[list[str] | None, SET_OPTION] = None,
-    loop: Annotated[LoopKind, typer.Option(metavar=LOOP_METAVAR,
-                                           help="Event loop implementation of the runs.")] = LoopKind.uvloop,
+    loop: Annotated[LoopKind | None, typer.Option(metavar=LOOP_METAVAR,
+                                                  help="Event loop of real runs [default: uvloop].")] = None,
+    world_kind: Annotated[WorldKind, typer.Option("--world", metavar=WORLD_METAVAR, help=WORLD_HELP)] = WorldKind.real,
     allow_import: Annotated[
         bool,
         typer.Option("--allow-import", help="Allow --policy module.path:ClassName. This imports, and so RUNS, that "
@@ -595,6 +630,7 @@ def compare(
     try:
         sc, source = load_scenario(scenario, overrides)
         choices: list[PolicyChoice] = [resolve_policy(p, allow_import=allow_import) for p in policy]
+        make_world(world_kind, sc, speed=speed, seed=seed, loop=loop, fixed_ports={})  # refuses what a child would
         for c in choices:
             ScenarioRun(sc, [c.spec], source=source)  # the child's own checks, before anything runs
     except (ScenarioError, PolicyError) as e:
@@ -629,7 +665,8 @@ def compare(
 
     runner = CompareRunner(
         job_list,
-        lambda j: child_argv(j, scenario, speed=speed, overrides=overrides or [], loop=loop.value),
+        lambda j: child_argv(j, scenario, speed=speed, overrides=overrides or [], loop=loop and loop.value,
+                             world=world_kind.value),
         parallel=jobs, on_done=on_done,
     )
 
@@ -653,7 +690,7 @@ def compare(
                for r in results if r.summary is not None and not r.failed]
     complete = not runner.stopped and all(
         r.returncode == 0 and r.summary is not None and r.summary.get("complete") for r in results)
-    doc = compare_document(sc.name, seed_list, complete, labels, records)
+    doc = compare_document(sc.name, seed_list, complete, labels, records, world_kind.value)
     target.mkdir(parents=True, exist_ok=True)
     (target / "compare.json").write_text(json.dumps(doc, indent=2) + "\n")
     write_compare_csv(doc, target / "compare.csv")

@@ -201,10 +201,11 @@ class RunRecord:
 
 
 def compare_document(scenario: str, seeds: Sequence[int], complete: bool, policies: Sequence[str],
-                     runs: Sequence[RunRecord]) -> dict[str, Any]:
+                     runs: Sequence[RunRecord], world: str = "real") -> dict[str, Any]:
     """compare.json: every policy in the order given (an empty mapping if none of its runs wrote a summary)."""
     return {
         "scenario": scenario,
+        "world": world,
         "seeds": list(seeds),
         "complete": complete,
         "policies": {p: aggregate([r.summary for r in runs if r.policy == p]) for p in policies},
@@ -301,9 +302,9 @@ class JobResult:
 
 
 def child_argv(job: Job, scenario: str, *, speed: float | None = None, overrides: Sequence[str] = (),
-               loop: str | None = None) -> list[str]:
+               loop: str | None = None, world: str = "real") -> list[str]:
     argv = [sys.executable, "-m", "scenarios.cli", "run", scenario, "--policy", job.policy.spec,
-            "--seed", str(job.seed), "--out", str(job.dir), "--quiet"]
+            "--seed", str(job.seed), "--out", str(job.dir), "--quiet", "--world", world]
     for path in job.policy.imports:
         argv += ["--import-policy", path]
     if speed is not None:

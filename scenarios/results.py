@@ -83,7 +83,7 @@ def fidelity_ok(sc: Scenario, lag_p99_s: float | None) -> bool:
     return lag_p99_s is None or lag_p99_s < 0.1 * min(sc.health_check.timeout_s, sc.traffic.timeout_s)
 
 
-def summary(sc: Scenario, state: RunState, *, policy: str, policies: Sequence[Policy], seed: int, speed: float,
+def summary(sc: Scenario, state: RunState, *, policy: str, policies: Sequence[Policy], seed: int, speed: float | None,
             world: str, end_sim: float, complete: bool) -> dict[str, Any]:
     """summary.json: what the run measured in sim time, nothing read from a wall clock."""
     out: dict[str, Any] = {
@@ -111,7 +111,8 @@ def summary(sc: Scenario, state: RunState, *, policy: str, policies: Sequence[Po
     return out
 
 
-def run_info(sc: Scenario, state: RunState, *, world: str) -> dict[str, Any]:
-    """run.json: how this machine kept up (the event loop's lag, from loop time: wall time in the real world)."""
+def run_info(sc: Scenario, state: RunState, *, world: str, wall_s: float) -> dict[str, Any]:
+    """run.json: what this machine did (the run's wall time) and how it kept up (the event loop's lag, from loop
+    time: wall time in the real world; the simulated world's loop never lags)."""
     lag = percentile(state.loop_lag, 99)
-    return {"world": world, "loop_lag_p99_s": lag, "fidelity_ok": fidelity_ok(sc, lag)}
+    return {"world": world, "wall_s": round(wall_s, 3), "loop_lag_p99_s": lag, "fidelity_ok": fidelity_ok(sc, lag)}

@@ -19,7 +19,7 @@ from scenarios.system import Listeners, System, assemble, world_speed
 from scenarios.timeline import Timeline
 from scenarios.writer import write_run_dir
 from worlds.base import World
-from worlds.real import RealWorld
+from worlds.real import RealWorld, Stopwatch
 
 SCENARIO_POLICY = "scenario"
 
@@ -127,6 +127,7 @@ class ScenarioRun:
         self.journal = Journal(self.state, self.clock, self.world.rng("scenario-run"))
         self.complete = False
         self.end_sim = 0.0
+        self._watch: Stopwatch | None = None  # wall time of the run, for run.json
         # Set once the system is up (serve's admin API answers 503 until then).
         self.system: System | None = None
         self.timeline: Timeline | None = None
@@ -147,6 +148,7 @@ class ScenarioRun:
         sc = self.scenario
         clock = self.clock
         stop = stop or asyncio.Event()
+        self._watch = Stopwatch()
         system: System | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -162,7 +164,8 @@ class ScenarioRun:
             playing = asyncio.create_task(timeline.play(sc.timeline), name="timeline")
             tasks.append(playing)
             tasks.append(asyncio.create_task(sampler.run(), name="sampler"))
-            tasks.append(asyncio.create_task(monitor_loop_lag(self.journal), name="loop-lag"))
+            if self.world.name == "real":  # a simulated loop never lags: nothing to measure
+                tasks.append(asyncio.create_task(monitor_loop_lag(self.journal), name="loop-lag"))
             await self._until_end(playing, stop, system)
             self.complete = not stop.is_set()
         finally:
@@ -207,11 +210,12 @@ class ScenarioRun:
 
     def run_info(self) -> dict[str, Any]:
         """run.json: this machine's figures (the event loop's lag and whether the run kept up)."""
-        return results.run_info(self.scenario, self.state, world=self.world.name)
+        wall_s = self._watch.elapsed() if self._watch is not None else 0.0
+        return results.run_info(self.scenario, self.state, world=self.world.name, wall_s=wall_s)
 
     def write(self, out_dir: Path, summary: dict[str, Any]) -> None:
         """Write the run directory: resolved scenario, summary, run figures, events, and the sampled series."""
         resolved = self.scenario.model_dump(mode="json", by_alias=True)
-        resolved.update({"policy": self.policy_entries, "speed": self.speed, "seed": self.seed})
+        resolved.update({"policy": self.policy_entries, "speed": self.speed or self.scenario.speed, "seed": self.seed})
         write_run_dir(out_dir, resolved=resolved, summary=summary, run_info=self.run_info(), state=self.state,
                       recorder=self.system.recorder if self.system is not None else None)

@@ -183,7 +183,7 @@ def state_document(
     scenario: str,
     policy: str,
     now: float,
-    speed: float,
+    speed: float | None,
     zones: Iterable[str],
     zones_in_dns: Iterable[str],
     targets: Iterable[tuple[str, str, str]],

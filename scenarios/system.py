@@ -28,9 +28,9 @@ from scenarios.truth import RunCollector
 from worlds.base import Clock, World
 
 
-def world_speed(world: World) -> float:
-    """Sim seconds per loop second: the real world's speed (1 in a world whose loop runs on sim time)."""
-    return world.clock.to_sim(1.0)
+def world_speed(world: World) -> float | None:
+    """Sim seconds per wall second: the real world's speed; None in the simulated world, which has no wall clock."""
+    return world.clock.to_sim(1.0) if world.name == "real" else None
 
 
 @dataclass(frozen=True)

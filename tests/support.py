@@ -137,3 +137,17 @@ class PinnedClock:
 
     async def sleep_until(self, sim_time: float) -> None:
         raise NotImplementedError("a pinned clock does not pass time")
+
+
+WORLDS = ("asyncio", "uvloop", "sim")
+
+
+def make_world(kind: str, speed: float = 1.0, seed: int | str = 0) -> Any:
+    """A world of `kind`: the real one on asyncio's or uvloop's loop, or the simulated one."""
+    if kind == "sim":
+        from worlds.sim import SimWorld
+
+        return SimWorld(seed=seed)
+    from worlds.real import RealWorld
+
+    return RealWorld(speed=speed, seed=seed, loop="uvloop" if kind == "uvloop" else "asyncio")

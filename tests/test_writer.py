@@ -33,10 +33,10 @@ def test_summary_holds_no_loop_figures_and_names_its_world() -> None:
     st = recorded()
     s = summary(SCENARIO, st, policy="naive", policies=[], seed=3, speed=4.0, world="real", end_sim=10.0,
                 complete=True)
-    info = run_info(SCENARIO, st, world="real")
+    info = run_info(SCENARIO, st, world="real", wall_s=1.5)
     assert s["world"] == info["world"] == "real"
     assert set(s) & set(info) == {"world"}
-    assert info["loop_lag_p99_s"] == 0.2
+    assert info["loop_lag_p99_s"] == 0.2 and info["wall_s"] == 1.5
     assert info["fidelity_ok"] is False
     assert s["requests_total"] == 2 and s["requests_failed"] == 1
 
@@ -45,7 +45,7 @@ def test_the_run_directory_holds_every_file_and_can_be_written_twice(tmp_path: P
     st = recorded()
     s = summary(SCENARIO, st, policy="naive", policies=[], seed=3, speed=4.0, world="real", end_sim=10.0,
                 complete=False)
-    info = run_info(SCENARIO, st, world="real")
+    info = run_info(SCENARIO, st, world="real", wall_s=1.5)
     for _ in range(2):  # a second write (serve on exit, after a failure) finds the request spool as it was
         write_run_dir(tmp_path, resolved={"name": "w"}, summary=s, run_info=info, state=st, recorder=None)
         assert json.loads((tmp_path / "summary.json").read_text()) == s
