@@ -78,6 +78,14 @@ class SimSelector(selectors._BaseSelectorImpl):
         self._net = network
         self._loop: SimLoop | None = None
 
+    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
+        # asyncio asks this (and expects KeyError) before every add/remove of a reader or writer: keep it cheap.
+        if self._map is None:  # type: ignore[attr-defined]
+            raise RuntimeError("Selector is closed")
+        fd = fileobj if type(fileobj) is int else self._fileobj_lookup(fileobj)  # type: ignore[attr-defined]
+        key: selectors.SelectorKey = self._fd_to_key[fd]  # type: ignore[attr-defined]  # KeyError if not registered
+        return key
+
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         key = super().register(fileobj, events, data)
         self._net._dirty[key.fd] = None  # new interest: is it ready for it already?

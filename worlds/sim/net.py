@@ -42,7 +42,6 @@ blocking calls that would wait (they raise `RuntimeError`: asyncio and lbsim onl
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import os
@@ -396,7 +395,7 @@ class SimSocket:
         self._syn_gen += 1
         self._syn_tries = 0
         self._syn_t0 = net._loop_now()
-        net._after(net.latency_s, self._syn_arrive, self._syn_gen)
+        net._packet(self._syn_arrive, self._syn_gen)
         self._syn_timer = net._at(self._syn_t0 + net.syn_retransmit_at[0], self._syn_timeout, self._syn_gen)
         return errno.EINPROGRESS
 
@@ -410,7 +409,7 @@ class SimSocket:
             self._fail(errno.ETIMEDOUT)
             return
         self._syn_tries = tries + 1
-        net._after(net.latency_s, self._syn_arrive, gen)
+        net._packet(self._syn_arrive, gen)
         nxt = schedule[tries + 1] if tries + 1 < len(schedule) else net.syn_timeout_at
         self._syn_timer = net._at(self._syn_t0 + nxt, self._syn_timeout, gen)
 
@@ -421,7 +420,7 @@ class SimSocket:
         net = self._net
         lst = net._find_listener(self.family, self._rhost, self._rport)
         if lst is None:
-            net._after(net.latency_s, self._refused, gen)
+            net._packet(self._refused, gen)
             return
         if len(lst._acceptq) + lst._pending > lst._backlog:
             return  # accept queue full: the SYN is dropped and our retransmit timer tries again
@@ -437,10 +436,10 @@ class SimSocket:
         child._timeout = None
         child._listener = lst
         child._peer = self
-        net._bound.setdefault((socket.SOCK_STREAM, child._lport), []).append(child)
+        net._bound.setdefault((socket.SOCK_STREAM, child._lport), {})[child] = None
         lst._pending += 1
         self._peer = child
-        net._after(net.latency_s, self._synack_arrive, child)
+        net._packet(self._synack_arrive, child)
 
     def _refused(self, gen: int) -> None:
         if self._state == _SYN_SENT and gen == self._syn_gen:
@@ -449,12 +448,12 @@ class SimSocket:
     def _synack_arrive(self, child: SimSocket) -> None:
         net = self._net
         if self._closed or self._state != _SYN_SENT or self._peer is not child:
-            net._after(net.latency_s, child._ack_lost)  # nobody to ACK: the half-open connection is reset
+            net._packet(child._ack_lost)  # nobody to ACK: the half-open connection is reset
             return
         self._state = _ESTABLISHED
         self._cancel_syn_timer()
         self._notify()
-        net._after(net.latency_s, child._ack_arrive)
+        net._packet(child._ack_arrive)
 
     def _ack_arrive(self) -> None:
         """The handshake's last ACK reaches a new connection: it joins its listener's accept queue."""
@@ -522,7 +521,7 @@ class SimSocket:
         self._unacked += n
         peer = self._peer
         if peer is not None:
-            net._after(net.latency_s, peer._data_arrive, chunk, self)
+            net._packet(peer._data_arrive, chunk, self)
         return n
 
     def sendall(self, data: Any, flags: int = 0) -> None:
@@ -572,7 +571,7 @@ class SimSocket:
         if peer is not None and not self._rst_sent:
             self._rst_sent = True
             net = self._net
-            net._after(net.latency_s, peer._rst_arrive, self)
+            net._packet(peer._rst_arrive, self)
         self._state = _CLOSED
         self._peer = None
         self._wr_shut = self._rd_shut = True
@@ -647,7 +646,7 @@ class SimSocket:
         peer = self._peer
         if peer is not None:
             net = self._net
-            net._after(net.latency_s, peer._fin_arrive, self)
+            net._packet(peer._fin_arrive, self)
 
     def close(self) -> None:
         if self._closed:
@@ -695,7 +694,7 @@ class SimSocket:
             net._bind(self, _WILDCARD[self.family], 0)
         if net._is_local(host):
             src = self._lhost if self._lhost != _WILDCARD[self.family] else _LOOPBACK[self.family]
-            net._after(net.latency_s, net._udp_arrive, self, payload, src, self._lport, host, port)
+            net._packet(net._udp_arrive, self, payload, src, self._lport, host, port)
         return len(payload)
 
     def _recvfrom(self, bufsize: int) -> tuple[bytes, tuple[Any, ...]]:
@@ -763,7 +762,9 @@ class SimNetwork:
         self._sockets: dict[int, SimSocket] = {}
         # fds whose readiness may have changed since the selector last looked, in the order they changed
         self._dirty: dict[int, None] = {}
-        self._bound: dict[tuple[int, int], list[SimSocket]] = {}  # (type, port) -> sockets bound to it
+        self._packets: deque[tuple[float, Callable[..., None], tuple[Any, ...]]] = deque()  # in flight, by arrival
+        # (type, port) -> the sockets bound to it, in bind order (a dict: O(1) removal with many connections)
+        self._bound: dict[tuple[int, int], dict[SimSocket, None]] = {}
         self._listeners: dict[int, list[SimSocket]] = {}  # port -> listening sockets
         self._next_port: dict[int, int] = {socket.SOCK_STREAM: EPHEMERAL_FIRST, socket.SOCK_DGRAM: EPHEMERAL_FIRST}
         self._hosts: dict[tuple[int, str], str] = {}
@@ -861,15 +862,47 @@ class SimNetwork:
         return loop._now
 
     def _at(self, when: float, fn: Callable[..., None], *args: Any) -> Any:
+        """A cancellable timer on the loop (SYN retransmits)."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("this SimNetwork has no SimLoop yet: make one with SimLoop(network)")
         if loop.is_closed():
-            return None  # the world is over: packets go nowhere
+            return None  # the world is over
         return loop._sim_call_at(when, fn, args)
 
-    def _after(self, delay: float, fn: Callable[..., None], *args: Any) -> Any:
-        return self._at(self._loop_now() + delay, fn, *args)
+    def _packet(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` when a packet sent now arrives, one latency from now.
+
+        Packets arrive in the order they were sent (so each link is FIFO), which with one latency is also the
+        order of their arrival times: they wait in one queue, and only its head has a timer on the loop.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("this SimNetwork has no SimLoop yet: make one with SimLoop(network)")
+        if loop._closed:  # type: ignore[attr-defined]
+            return  # the world is over: packets go nowhere
+        when = loop._now + self.latency_s
+        queue = self._packets
+        if queue:
+            last = queue[-1][0]
+            queue.append((when if when >= last else last, fn, args))  # a latency lowered mid-run keeps FIFO
+        else:
+            queue.append((when, fn, args))
+            loop._sim_call_at(when, self._deliver, ())
+
+    def _deliver(self) -> None:
+        """Run every packet that has arrived by now, in order; then wait for the next one."""
+        loop = self._loop
+        assert loop is not None
+        queue = self._packets
+        due = loop._now + loop._clock_resolution
+        try:
+            while queue and queue[0][0] < due:
+                _, fn, args = queue.popleft()
+                fn(*args)
+        finally:
+            if queue and not loop._closed:  # type: ignore[attr-defined]
+                loop._sim_call_at(queue[0][0], self._deliver, ())
 
     # -- fds, ports, addresses -----------------------------------------------------------------------------
 
@@ -957,7 +990,7 @@ class SimNetwork:
         else:
             self._check_conflict(sock, host, port)
         sock._lhost, sock._lport = host, port
-        self._bound.setdefault((kind, port), []).append(sock)
+        self._bound.setdefault((kind, port), {})[sock] = None
         if sock._state == _NEW:
             sock._state = _BOUND
 
@@ -965,11 +998,10 @@ class SimNetwork:
         if not sock._lhost:
             return
         key = (sock.type, sock._lport)
-        lst = self._bound.get(key)
-        if lst is not None:
-            with contextlib.suppress(ValueError):
-                lst.remove(sock)
-            if not lst:
+        holders = self._bound.get(key)
+        if holders is not None:
+            holders.pop(sock, None)
+            if not holders:
                 del self._bound[key]
 
     def _ephemeral(self, kind: int) -> int:
@@ -1012,6 +1044,6 @@ class SimNetwork:
         target = exact or wildcard
         if target is None:
             if sender._state == _ESTABLISHED and not sender._closed:
-                self._after(self.latency_s, sender._icmp_unreachable, host, port)
+                self._packet(sender._icmp_unreachable, host, port)
             return
         target._udp_deliver(payload, target._sockaddr(shost, sport))
