@@ -30,7 +30,7 @@ import dns.rrset
 import pytest
 from aiohttp import web
 
-from worlds.base import Network
+from worlds.base import Network, World
 from worlds.real import RealWorld, uvloop_available
 from worlds.sim import SimDeadlock, SimWorld
 from worlds.sim.net import SYN_RETRANSMIT_AT_S, SYN_TIMEOUT_AT_S
@@ -294,6 +294,53 @@ def test_listeners_on_two_loopback_addresses_share_a_port(w: Harness) -> None:
             assert conn.getsockname() == ("127.0.1.1", port)
             with pytest.raises(BlockingIOError):
                 one.accept()
+
+    w.run(main())
+
+
+def test_wildcard_listener_takes_every_loopback_address(w: Harness) -> None:
+    async def main() -> None:
+        with sockets(w.network) as make:
+            lst = listener(make, host="0.0.0.0")
+            port = lst.getsockname()[1]
+            client = make()
+            await connect(client, ("127.0.0.5", port))
+            await ready(lst, write=False)
+            conn, peer = lst.accept()
+            with conn:
+                assert conn.getsockname() == ("127.0.0.5", port)
+                assert peer == client.getsockname() and peer[0] == "127.0.0.1"
+
+    w.run(main())
+
+
+def test_loop_sock_methods_move_more_than_a_buffer(w: Harness) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with sockets(w.network) as make:
+            lst = listener(make)
+            client = make()
+            accepting = asyncio.ensure_future(loop.sock_accept(lst))
+            await asyncio.wait_for(loop.sock_connect(client, lst.getsockname()), BOUND_S)
+            conn, peer = await asyncio.wait_for(accepting, BOUND_S)
+            with conn:
+                assert peer == client.getsockname()
+                payload = bytes(range(256)) * 8192  # 2 MiB
+                got = bytearray()
+
+                async def receive() -> None:
+                    buf = bytearray(65536)
+                    while len(got) < len(payload):
+                        n = await loop.sock_recv_into(conn, buf)
+                        assert n > 0
+                        got.extend(buf[:n])
+
+                receiving = asyncio.ensure_future(receive())
+                await asyncio.wait_for(loop.sock_sendall(client, payload), BOUND_S)
+                await asyncio.wait_for(receiving, BOUND_S)
+                assert bytes(got) == payload
+                await loop.sock_sendall(conn, b"bye")
+                assert await asyncio.wait_for(loop.sock_recv(client, 10), BOUND_S) == b"bye"
 
     w.run(main())
 
@@ -976,3 +1023,45 @@ def test_sim_ctrl_c_stops_the_run(sim: Harness) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         sim.run(main())
+
+
+def test_sim_udp_receive_queue_is_bounded(sim: Harness) -> None:
+    async def main() -> None:
+        assert isinstance(sim.world, SimWorld)
+        limit = sim.world.network.udp_queue
+        with sockets(sim.network) as make:
+            a, b = make(type=socket.SOCK_DGRAM), make(type=socket.SOCK_DGRAM)
+            b.bind((HOST, 0))
+            for _ in range(limit // 1000 + 50):
+                a.sendto(b"z" * 1000, b.getsockname())
+            await asyncio.sleep(0.001)  # all of them have arrived (or been dropped)
+            kept = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    assert len(b.recvfrom(2000)[0]) == 1000
+                    kept += 1
+            assert kept == limit // 1000
+
+    sim.run(main())
+
+
+def test_sim_blocking_calls_that_would_wait_are_refused(sim: Harness) -> None:
+    async def main() -> None:
+        with contextlib.closing(sim.network.socket()) as s:
+            with pytest.raises(RuntimeError, match="blocking"):
+                s.connect((HOST, 9))
+            s.setblocking(False)
+            assert s.connect_ex((HOST, 9)) == errno.EINPROGRESS
+
+    sim.run(main())
+
+
+def test_sim_world_is_a_world() -> None:
+    def as_world(world: SimWorld) -> World:
+        return world  # mypy checks SimWorld against the World protocol here
+
+    world = as_world(SimWorld(seed="s"))
+    assert world.name == "sim" and world.clock.now() == 0.0
+    assert world.rng("x").random() == SimWorld(seed="s").rng("x").random() != SimWorld(seed="t").rng("x").random()
+    assert world.new_event_loop() is world.new_event_loop()
+    world.new_event_loop().close()

@@ -47,12 +47,22 @@ class Network(Protocol):
 
 
 class World(Protocol):
-    """A clock, a network, a root seed and the event loop they belong to."""
+    """A clock, a network, a root seed and the event loop they belong to.
 
-    name: WorldName
-    seed: int | str
-    clock: Clock
-    network: Network
+    The members are read-only properties so that a world may hold a subtype (a `SimNetwork`, a `LoopClock`).
+    """
+
+    @property
+    def name(self) -> WorldName: ...
+
+    @property
+    def seed(self) -> int | str: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def network(self) -> Network: ...
 
     def rng(self, name: str) -> random.Random:
         """A random stream for one component, derived from the root seed and `name` alone."""

@@ -7,7 +7,7 @@ one-way latency after it was sent; timers due at the same time run in the order 
 direction of a connection is FIFO. A socket tells the loop's selector when its readiness may have changed
 (`_notify`), so a loop iteration never scans idle sockets.
 
-What is modelled (each as Linux does it on loopback; docs/sources.md lists the kernel documentation):
+What is modelled (each as Linux does it on loopback; docs/sources.md#linux-tcp has the kernel's documentation):
 
 * Addresses: all of 127.0.0.0/8 and ::1 are this host; bind to one of them or to the wildcard (0.0.0.0, ::);
   port 0 takes the next free ephemeral port from a counter (32768-60999, as `ip_local_port_range`).
