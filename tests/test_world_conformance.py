@@ -314,6 +314,31 @@ def test_wildcard_listener_takes_every_loopback_address(w: Harness) -> None:
     w.run(main())
 
 
+def test_ipv6_loopback(w: Harness) -> None:
+    if not w.sim and not socket.has_ipv6:
+        pytest.skip("this kernel has no IPv6")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with sockets(w.network) as make:
+            lst = make(socket.AF_INET6)
+            try:
+                lst.bind(("::1", 0))
+            except OSError as e:
+                pytest.skip(f"no IPv6 loopback here: {e}")
+            lst.listen(4)
+            addr = lst.getsockname()
+            assert addr[0] == "::1" and len(addr) == 4
+            client = make(socket.AF_INET6)
+            await asyncio.wait_for(loop.sock_connect(client, addr), BOUND_S)
+            assert client.getpeername() == addr
+            conn, peer = await asyncio.wait_for(loop.sock_accept(lst), BOUND_S)
+            with conn:
+                assert peer == client.getsockname() and peer[0] == "::1"
+
+    w.run(main())
+
+
 def test_loop_sock_methods_move_more_than_a_buffer(w: Harness) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
