@@ -772,6 +772,69 @@ def test_udp_connected_socket_sees_port_unreachable(w: Harness) -> None:
     w.run(main())
 
 
+class Datagrams(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        loop = asyncio.get_running_loop()
+        self.got: asyncio.Queue[tuple[bytes, Any]] = asyncio.Queue()
+        self.error: asyncio.Future[Exception] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.put_nowait((data, addr))
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.error.done():
+            self.error.set_result(exc)
+
+
+def test_asyncio_datagram_endpoints(w: Harness) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        st, server = await loop.create_datagram_endpoint(Datagrams, local_addr=(HOST, 0))
+        ct, client = await loop.create_datagram_endpoint(Datagrams, remote_addr=st.get_extra_info("sockname"))
+        dead_t, dead = None, None
+        try:
+            ct.sendto(b"ping")
+            data, addr = await asyncio.wait_for(server.got.get(), BOUND_S)
+            assert data == b"ping" and addr == ct.get_extra_info("sockname")
+            st.sendto(b"pong", addr)
+            assert await asyncio.wait_for(client.got.get(), BOUND_S) == (b"pong", st.get_extra_info("sockname"))
+            with sockets(w.network) as make:
+                gone = make(type=socket.SOCK_DGRAM)
+                gone.bind((HOST, 0))
+                nobody = gone.getsockname()
+            dead_t, dead = await loop.create_datagram_endpoint(Datagrams, remote_addr=nobody)
+            dead_t.sendto(b"anyone?")
+            assert isinstance(await asyncio.wait_for(dead.error, BOUND_S), ConnectionRefusedError)
+        finally:
+            for t in (st, ct, dead_t):
+                if t is not None:
+                    t.close()
+
+    w.run(main())
+
+
+def test_create_server_on_several_hosts(w: Harness) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(asyncio.Protocol, ["127.0.0.1", "127.0.0.2"], 0)
+        try:
+            addrs = sorted(s.getsockname() for s in server.sockets)
+            assert [a[0] for a in addrs] == ["127.0.0.1", "127.0.0.2"]
+            for addr in addrs:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(*addr), BOUND_S)
+                writer.close()
+                await writer.wait_closed()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    w.run(main())
+
+
 # -- libraries: aiohttp and dnspython ---------------------------------------------------------------------------
 
 
