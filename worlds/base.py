@@ -50,12 +50,17 @@ class Network(Protocol):
 
 
 class World(Protocol):
-    """A clock, a network, a root seed and the event loop they belong to."""
+    """A clock, a network, a root seed and the event loop they belong to.
 
-    name: WorldName
-    seed: int | str
+    The members are read-only properties so that a world may hold a subtype (a `SimNetwork`, a `LoopClock`).
+    """
 
-    # Read-only, so that a world's own clock and network classes satisfy the protocol (attributes are invariant).
+    @property
+    def name(self) -> WorldName: ...
+
+    @property
+    def seed(self) -> int | str: ...
+
     @property
     def clock(self) -> Clock: ...
 

@@ -1,0 +1,420 @@
+"""`SimLoop`: asyncio's selector event loop in virtual time over a `SimNetwork`, deterministic and thread-free.
+
+* Time is virtual: `time()` starts at 0.0 and only moves when nothing is ready to run; then it jumps to the
+  next timer. With nothing ready and no timer pending the run could never finish: `SimDeadlock`.
+* Order is deterministic: timers due at the same time run in the order they were set ((when, seq) heap), and
+  I/O callbacks in the order their sockets became ready. The selector never scans idle sockets: a socket
+  reports that its readiness may have changed, and only those are looked at.
+* No threads: no self-pipe, no executor (`run_in_executor` raises), `getaddrinfo` answers IP literals and
+  "localhost" at once and refuses other names. Nothing here reads a wall clock or the global RNG.
+* `create_server`, `create_connection` and `create_datagram_endpoint` without `sock=` make the socket on the
+  network, bind/connect it, and hand it to asyncio's own code with `sock=`; everything after that (transports,
+  flow control, `sock_*` calls) is asyncio's selector code unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import heapq
+import selectors
+import signal
+import socket
+from asyncio import base_events, events
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from worlds.sim.net import SimNetwork
+
+# Timers closer than this to "now" count as due (asyncio's _run_once needs a positive resolution).
+_CLOCK_RESOLUTION = 1e-9
+# Network packets run in one shared, empty context rather than a copy of the sender's each.
+_NET_CONTEXT = contextvars.Context()
+_Connection = tuple[asyncio.Transport, asyncio.BaseProtocol]
+_Datagram = tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]
+
+
+class SimDeadlock(RuntimeError):
+    """Every task waits on something that no timer and no packet will ever bring: the run would sleep forever."""
+
+
+class SimTimerHandle(asyncio.TimerHandle):
+    """A timer ordered by (when, seq): timers due at the same virtual time run first-in, first-out."""
+
+    __slots__ = ("_seq",)
+    if TYPE_CHECKING:  # asyncio's own slots, which typeshed leaves out
+        _when: float
+        _scheduled: bool
+        _source_traceback: Any
+
+    def __init__(
+        self, when: float, seq: int, callback: Callable[..., object], args: Sequence[Any],
+        loop: asyncio.AbstractEventLoop, context: contextvars.Context | None = None,
+    ) -> None:
+        super().__init__(when, callback, args, loop, context)
+        self._seq = seq
+
+    # Only SimLoop's heap holds these, so the other side is always a SimTimerHandle.
+    def __lt__(self, other: SimTimerHandle) -> bool:  # type: ignore[override]
+        if self._when != other._when:
+            return self._when < other._when
+        return self._seq < other._seq
+
+    def __gt__(self, other: SimTimerHandle) -> bool:  # type: ignore[override]
+        return other.__lt__(self)
+
+    def __le__(self, other: SimTimerHandle) -> bool:  # type: ignore[override]
+        return not other.__lt__(self)
+
+    def __ge__(self, other: SimTimerHandle) -> bool:  # type: ignore[override]
+        return not self.__lt__(other)
+
+
+class SimSelector(selectors._BaseSelectorImpl):
+    """A selector over a `SimNetwork`'s sockets, fed by their readiness changes; advances virtual time."""
+
+    def __init__(self, network: SimNetwork) -> None:
+        super().__init__()
+        self._net = network
+        self._loop: SimLoop | None = None
+
+    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
+        # asyncio asks this (and expects KeyError) before every add/remove of a reader or writer: keep it cheap.
+        if self._map is None:  # type: ignore[attr-defined]
+            raise RuntimeError("Selector is closed")
+        fd = fileobj if type(fileobj) is int else self._fileobj_lookup(fileobj)  # type: ignore[attr-defined]
+        key: selectors.SelectorKey = self._fd_to_key[fd]  # type: ignore[attr-defined]  # KeyError if not registered
+        return key
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = super().register(fileobj, events, data)
+        self._net._dirty[key.fd] = None  # new interest: is it ready for it already?
+        return key
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = super().modify(fileobj, events, data)
+        self._net._dirty[key.fd] = None
+        return key
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        dirty = self._net._dirty
+        if dirty:
+            ready: list[tuple[selectors.SelectorKey, int]] = []
+            keys = self._fd_to_key  # type: ignore[attr-defined]
+            socks = self._net._sockets
+            idle: list[int] = []
+            for fd in dirty:
+                key = keys.get(fd)
+                sock = socks.get(fd)
+                mask = key.events & sock._events() if key is not None and sock is not None else 0
+                if mask:
+                    ready.append((key, mask))
+                else:
+                    idle.append(fd)
+            for fd in idle:
+                del dirty[fd]  # still-ready sockets stay (level-triggered), in the order they became ready
+            if ready:
+                return ready
+        loop = self._loop
+        assert loop is not None
+        if timeout is None:
+            raise SimDeadlock(loop._deadlock_report())
+        if timeout > 0:
+            loop._advance(timeout)
+        return []
+
+
+class SimLoop(asyncio.SelectorEventLoop):
+    """An asyncio selector event loop whose clock is virtual and whose sockets live on a `SimNetwork`."""
+
+    def __init__(self, network: SimNetwork | None = None) -> None:
+        self._network = network if network is not None else SimNetwork()
+        self._now = 0.0
+        self._timer_seq = 0
+        self._sim_signals: dict[int, tuple[events.Handle, Any]] = {}
+        selector = SimSelector(self._network)
+        super().__init__(selector)
+        self._clock_resolution = _CLOCK_RESOLUTION
+        selector._loop = self
+        self._network._attach(self)
+
+    @property
+    def network(self) -> SimNetwork:
+        return self._network
+
+    # -- virtual time --------------------------------------------------------------------------------------
+
+    def time(self) -> float:
+        return self._now
+
+    def _advance(self, timeout: float) -> None:
+        """Nothing is ready: jump to the next timer (exactly to its deadline), or by `timeout` if that is less."""
+        now = self._now
+        sched = self._scheduled  # type: ignore[attr-defined]
+        if sched:
+            when: float = sched[0]._when
+            if when - now <= timeout:
+                self._now = max(now, when)
+                return
+        self._now = now + timeout
+
+    def call_at(  # type: ignore[override]
+        self, when: float, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None
+    ) -> asyncio.TimerHandle:
+        if when is None:
+            raise TypeError("when cannot be None")
+        self._check_closed()  # type: ignore[attr-defined]
+        if self._debug:  # type: ignore[attr-defined]
+            self._check_thread()  # type: ignore[attr-defined]
+            self._check_callback(callback, "call_at")  # type: ignore[attr-defined]
+        self._timer_seq += 1
+        timer = SimTimerHandle(when, self._timer_seq, callback, args, self, context)
+        if timer._source_traceback:
+            del timer._source_traceback[-1]
+        heapq.heappush(self._scheduled, timer)  # type: ignore[attr-defined]
+        timer._scheduled = True
+        return timer
+
+    def _sim_call_at(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> SimTimerHandle:
+        """`call_at` for the network's packets: no checks, no context copy."""
+        self._timer_seq += 1
+        timer = SimTimerHandle(when, self._timer_seq, callback, args, self, _NET_CONTEXT)
+        heapq.heappush(self._scheduled, timer)  # type: ignore[attr-defined]
+        timer._scheduled = True
+        return timer
+
+    def _deadlock_report(self) -> str:
+        tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
+        names = []
+        for t in tasks[:8]:
+            coro = t.get_coro()
+            names.append(f"{t.get_name()} ({getattr(coro, '__qualname__', coro)})")
+        more = f" and {len(tasks) - 8} more" if len(tasks) > 8 else ""
+        waiting = f"; waiting: {', '.join(names)}{more}" if names else ""
+        registered = len(self._selector.get_map() or ())  # type: ignore[attr-defined]
+        return (
+            f"simulated deadlock at t={self._now:.6f}: every task is waiting and no timer is pending, so the run "
+            f"would sleep forever ({len(tasks)} unfinished task(s), {registered} fd(s) registered, no packet in "
+            f"flight){waiting}"
+        )
+
+    # -- no threads ----------------------------------------------------------------------------------------
+
+    def _make_self_pipe(self) -> None:
+        self._ssock = None
+        self._csock = None
+
+    def _close_self_pipe(self) -> None:
+        pass
+
+    def _write_to_self(self) -> None:
+        pass  # nothing ever blocks in select(), so a wake-up is never needed
+
+    def run_in_executor(  # type: ignore[override]
+        self, executor: Any, func: Callable[..., Any], *args: Any
+    ) -> asyncio.Future[Any]:
+        raise RuntimeError(
+            f"SimLoop runs no threads: run_in_executor({getattr(func, '__qualname__', func)!r}) is not available in "
+            "the simulated world (a thread would run outside virtual time); do the work inline or resolve host "
+            "names before the run"
+        )
+
+    async def getaddrinfo(  # type: ignore[override]
+        self, host: str | bytes | None, port: str | int | None, *, family: int = 0, type: int = 0, proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]]:
+        return self._network.getaddrinfo(host, port, family, type, proto, flags)
+
+    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int = 0) -> tuple[str, str]:
+        return str(sockaddr[0]), str(sockaddr[1])
+
+    # -- signals: delivered by Python's signal module, run as loop callbacks -----------------------------
+
+    def add_signal_handler(  # type: ignore[override]
+        self, sig: int, callback: Callable[..., object], *args: Any
+    ) -> None:
+        self._check_closed()  # type: ignore[attr-defined]
+        handle = events.Handle(callback, args, self, None)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._add_callback_signalsafe(handle)  # type: ignore[attr-defined]
+
+        try:
+            previous = signal.signal(sig, on_signal)
+        except ValueError as e:  # not the main thread, or not a signal
+            raise RuntimeError(f"SimLoop.add_signal_handler({sig}): {e}") from e
+        old = self._sim_signals.pop(sig, None)
+        if old is not None:
+            old[0].cancel()
+            previous = old[1]
+        self._sim_signals[sig] = (handle, previous)
+
+    def remove_signal_handler(self, sig: int) -> bool:
+        entry = self._sim_signals.pop(sig, None)
+        if entry is None:
+            return False
+        handle, previous = entry
+        handle.cancel()
+        signal.signal(sig, previous)
+        return True
+
+    def close(self) -> None:
+        for sig in list(self._sim_signals):
+            self.remove_signal_handler(sig)
+        super().close()
+
+    # -- sockets from the network --------------------------------------------------------------------------
+
+    async def create_connection(  # type: ignore[override]
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: str | None = None, port: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        base: Any = super()
+        if kwargs.get("sock") is not None or (host is None and port is None):
+            return cast(_Connection, await base.create_connection(protocol_factory, host, port, **kwargs))
+        family = kwargs.pop("family", 0)
+        proto = kwargs.pop("proto", 0)
+        flags = kwargs.pop("flags", 0)
+        local_addr = kwargs.pop("local_addr", None)
+        for unused in ("happy_eyeballs_delay", "interleave", "all_errors"):
+            kwargs.pop(unused, None)  # one address per name here: nothing to race
+        kwargs.pop("sock", None)
+        net = self._network
+        infos = net.getaddrinfo(host, port, family, socket.SOCK_STREAM, proto, flags)
+        local = net.getaddrinfo(local_addr[0], local_addr[1], family, socket.SOCK_STREAM, proto, flags) \
+            if local_addr is not None else None
+        errors: list[OSError] = []
+        sock = None
+        for fam, kind, pr, _, address in infos:
+            candidate = net.sim_socket(fam, kind, pr)
+            try:
+                candidate.setblocking(False)
+                if local is not None:
+                    matching = [la for lf, _, _, _, la in local if lf == fam]
+                    if not matching:
+                        raise OSError(f"no matching local address with family={fam} found")
+                    try:
+                        candidate.bind(matching[0])
+                    except OSError as e:
+                        raise OSError(e.errno, f"error while attempting to bind on address {matching[0]!r}: "
+                                               f"{(e.strerror or '').lower()}") from None
+                await self.sock_connect(cast(socket.socket, candidate), address)
+            except OSError as e:
+                candidate.close()
+                errors.append(e)
+                continue
+            except BaseException:
+                candidate.close()
+                raise
+            sock = candidate
+            break
+        if sock is None:
+            if len(errors) == 1 or all(str(e) == str(errors[0]) for e in errors):
+                raise errors[0]
+            raise OSError(f"Multiple exceptions: {', '.join(str(e) for e in errors)}")
+        if kwargs.get("ssl") and kwargs.get("server_hostname") is None:
+            kwargs["server_hostname"] = host
+        try:
+            return cast(_Connection, await base.create_connection(protocol_factory, sock=sock, **kwargs))
+        except BaseException:
+            sock.close()
+            raise
+
+    async def create_server(
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: str | Sequence[str] | None = None,
+        port: int | None = None, **kwargs: Any,
+    ) -> asyncio.Server:
+        base: Any = super()
+        if kwargs.get("sock") is not None or (host is None and port is None):
+            return cast(asyncio.Server, await base.create_server(protocol_factory, host, port, **kwargs))
+        kwargs.pop("sock", None)
+        family = kwargs.pop("family", socket.AF_UNSPEC)
+        flags = kwargs.pop("flags", socket.AI_PASSIVE)
+        reuse_address = kwargs.pop("reuse_address", None)
+        reuse_port = kwargs.pop("reuse_port", None)
+        keep_alive = kwargs.pop("keep_alive", None)
+        if reuse_address is None:
+            reuse_address = True  # asyncio's default on Linux
+        hosts: Iterable[str | None] = [host] if host is None or isinstance(host, str) else host
+        net = self._network
+        infos = []
+        for h in hosts:
+            for info in net.getaddrinfo(h or None, port, family, socket.SOCK_STREAM, 0, flags):
+                if info not in infos:
+                    infos.append(info)
+        socks = []
+        try:
+            for fam, kind, pr, _, address in infos:
+                s = net.sim_socket(fam, kind, pr)
+                socks.append(s)
+                if reuse_address:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if keep_alive:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if fam == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    s.bind(address)
+                except OSError as e:
+                    raise OSError(e.errno, f"error while attempting to bind on address {address!r}: "
+                                           f"{(e.strerror or '').lower()}") from None
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        if len(socks) == 1:
+            return cast(asyncio.Server, await base.create_server(protocol_factory, sock=socks[0], **kwargs))
+        for s in socks:
+            s.setblocking(False)
+        server = base_events.Server(
+            self, cast(list[socket.socket], socks), protocol_factory, kwargs.get("ssl"), kwargs.get("backlog", 100),
+            kwargs.get("ssl_handshake_timeout"), kwargs.get("ssl_shutdown_timeout"),
+        )
+        if kwargs.get("start_serving", True):
+            server._start_serving()  # type: ignore[attr-defined]
+            await asyncio.sleep(0)
+        return server
+
+    async def create_datagram_endpoint(  # type: ignore[override]
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], local_addr: tuple[str, int] | None = None,
+        remote_addr: tuple[str, int] | None = None, **kwargs: Any,
+    ) -> tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]:
+        base: Any = super()
+        if kwargs.get("sock") is not None:
+            return cast(_Datagram, await base.create_datagram_endpoint(
+                protocol_factory, local_addr, remote_addr, **kwargs))
+        kwargs.pop("sock", None)
+        family = kwargs.pop("family", 0)
+        proto = kwargs.pop("proto", 0)
+        flags = kwargs.pop("flags", 0)
+        reuse_port = kwargs.pop("reuse_port", None)
+        allow_broadcast = kwargs.pop("allow_broadcast", None)
+        if isinstance(local_addr, str) or isinstance(remote_addr, str):
+            raise ValueError("the simulated network has no AF_UNIX sockets")
+        net = self._network
+        local = net.getaddrinfo(local_addr[0], local_addr[1], family, socket.SOCK_DGRAM, proto, flags) \
+            if local_addr else None
+        remote = net.getaddrinfo(remote_addr[0], remote_addr[1], family, socket.SOCK_DGRAM, proto, flags) \
+            if remote_addr else None
+        if local and remote and local[0][0] != remote[0][0]:
+            raise ValueError("local_addr and remote_addr have different address families")
+        fam = local[0][0] if local else remote[0][0] if remote else family
+        if not fam:
+            raise ValueError("unexpected address family")
+        sock = net.sim_socket(fam, socket.SOCK_DGRAM, proto)
+        try:
+            sock.setblocking(False)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if allow_broadcast:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            if local:
+                sock.bind(local[0][4])
+            if remote:
+                sock.connect(remote[0][4])
+            return cast(_Datagram, await base.create_datagram_endpoint(protocol_factory, sock=sock, **kwargs))
+        except BaseException:
+            sock.close()
+            raise
