@@ -487,7 +487,8 @@ class NodeChecker:
         lookahead = self.lookahead_s
         while True:
             now = clock.now()
-            for item in schedule.pop_due(now, lookahead):
+            due = schedule.pop_due(now, lookahead)
+            for item in due:
                 target = self._targets.get(item.target_id)
                 if target is None:  # removed by a report callback earlier in this batch
                     schedule.finish(item.target_id)
@@ -501,7 +502,16 @@ class NodeChecker:
                 self._kicked = False
                 continue
             wakeup = schedule.next_wakeup(now)
-            await self._sleep(loop, None if wakeup is None else wakeup - lookahead - clock.now())
+            if wakeup is None:
+                await self._sleep(loop, None)
+                continue
+            delay = wakeup - lookahead - clock.now()
+            if not due and delay <= 0:
+                # Woken a lookahead early, and nothing could start yet (no token, or no free slot until the head
+                # is late): wait for the wake-up itself. Under a clock that moves only while everyone waits (the
+                # simulated world's), looking again at once would find the same instant forever.
+                delay = wakeup - clock.now()
+            await self._sleep(loop, delay)
 
     @property
     def lookahead_s(self) -> float:
