@@ -244,9 +244,9 @@ def test_aggregate_takes_numbers_and_booleans_and_skips_the_rest() -> None:
 def test_compare_document_has_every_policy_in_order_and_the_runs() -> None:
     runs = [RunRecord("naive", 1, "runs/naive-seed1", {"availability": 0.5}),
             RunRecord("naive", 2, "runs/naive-seed2", {"availability": 0.7})]
-    doc = compare_document("s", [1, 2], False, ["naive", "fail-open"], runs)
+    doc = compare_document("s", [1, 2], False, ["naive", "fail-open"], runs, "sim")
     assert doc == {
-        "scenario": "s", "seeds": [1, 2], "complete": False,
+        "scenario": "s", "world": "sim", "seeds": [1, 2], "complete": False,
         "policies": {"naive": {"availability": {"mean": pytest.approx(0.6), "min": 0.5, "max": 0.7}},
                      "fail-open": {}},
         "runs": [{"policy": "naive", "seed": 1, "dir": "runs/naive-seed1"},
@@ -489,7 +489,7 @@ def test_compare_end_to_end_and_report(tmp_path: Path) -> None:
     assert r.stderr.count("availability") == 4  # one progress line per run
 
     doc = json.loads((out / "compare.json").read_text())
-    assert set(doc) == {"scenario", "seeds", "complete", "policies", "runs"}
+    assert set(doc) == {"scenario", "world", "seeds", "complete", "policies", "runs"} and doc["world"] == "real"
     assert doc["scenario"] == "tiny-compare" and doc["seeds"] == [7, 8] and doc["complete"] is True
     assert list(doc["policies"]) == ["naive", "fail-open"]
     assert sorted((x["policy"], x["seed"]) for x in doc["runs"]) == \

@@ -338,7 +338,8 @@ def test_upload_with_slow_backend_is_intact_and_bounded(loop_kind: str) -> None:
         assert report.outcome == ConnOutcome.OK
         assert (report.bytes_up, report.bytes_down) == (len(payload), 32)
         assert report.target_id == "t1" and report.zone == "az-a"
-        assert 0 < report.connect_s <= report.duration_s
+        # Loop seconds: uvloop's clock ticks in milliseconds, so a fast loopback connect may read 0.
+        assert 0 <= report.connect_s <= report.duration_s and report.duration_s > 0
         assert 0 < peak < BUFFER_BOUND, peak
         await h.stop()
         await backend.close()
@@ -579,7 +580,7 @@ def test_refused_upstream_resets_the_client(loop_kind: str) -> None:
             assert isinstance(await client.lost, ConnectionResetError)
             (report,) = await h.wait_reports(1)
             assert report.outcome == ConnOutcome.CONNECT_FAILED
-            assert report.target_id == "t1" and report.bytes_up in (0, 6) and report.connect_s > 0
+            assert report.target_id == "t1" and report.bytes_up in (0, 6) and report.connect_s >= 0  # ms ticks
             await h.stop()
         finally:
             closed.close()

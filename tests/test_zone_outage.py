@@ -1,4 +1,7 @@
-"""zone-outage end to end: every limiter still takes a really dead zone out, because the data path confirms it."""
+"""zone-outage end to end: every limiter still takes a really dead zone out, because the data path confirms it.
+
+The runs are in the simulated world (logic, not timing, is under test here): each takes about a second.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import pytest
 
 from scenarios.runner import ScenarioRun
 from scenarios.schema import Scenario, load_scenario
+from worlds.sim import SimWorld
 
 DIES_AT, DURATION = 20.0, 60.0
 
@@ -35,25 +39,26 @@ def _bound_per_target(sc: Scenario, confirm_failures: int = 3) -> float:
     return probes + data_path
 
 
-async def _missed(sc: Scenario, policy: str) -> dict[str, Any]:
-    run = ScenarioRun(sc, [policy], source="built-in:zone-outage")
-    return {**await run.run(), **run.run_info()}
+def _missed(sc: Scenario, policy: str) -> dict[str, Any]:
+    world = SimWorld(seed=sc.seed)
+    run = ScenarioRun(sc, [policy], world=world, source="built-in:zone-outage")
+    return {**world.run(run.run()), **run.run_info()}
 
 
 @pytest.mark.parametrize("policy", ["velocity", "max-ejection", "envoy", "aws-velocity"])
-async def test_every_limiter_still_takes_the_dead_zone_out(policy: str) -> None:
+def test_every_limiter_still_takes_the_dead_zone_out(policy: str) -> None:
     sc = _scenario()
-    summary = await _missed(sc, policy)
+    summary = _missed(sc, policy)
     assert summary["complete"] and summary["fidelity_ok"]
     dead = sc.targets_per_zone
     assert summary["missed_ejection_target_seconds"] <= dead * _bound_per_target(sc)
     assert summary["failures_undetected"] == 0
 
 
-async def test_without_confirmation_panic_keeps_routing_to_the_dead_zone() -> None:
+def test_without_confirmation_panic_keeps_routing_to_the_dead_zone() -> None:
     """The control: Envoy's exact panic threshold routes zone a to its dead targets for the rest of the run,
     far beyond the bound the protections above keep."""
     sc = _scenario()
-    summary = await _missed(sc, "panic(confirm_failures=0)")
+    summary = _missed(sc, "panic(confirm_failures=0)")
     dead_for = DURATION - DIES_AT
     assert summary["missed_ejection_target_seconds"] >= sc.targets_per_zone * (dead_for - _bound_per_target(sc))
