@@ -889,7 +889,7 @@ class SimNetwork:
         loop = self._loop
         if loop is None:
             raise RuntimeError("this SimNetwork has no SimLoop yet: make one with SimLoop(network)")
-        if loop._closed:  # type: ignore[attr-defined]
+        if loop._closed:
             return  # the world is over: packets go nowhere
         when = loop._now + self.latency_s
         queue = self._packets
@@ -911,7 +911,7 @@ class SimNetwork:
                 _, fn, args = queue.popleft()
                 fn(*args)
         finally:
-            if queue and not loop._closed:  # type: ignore[attr-defined]
+            if queue and not loop._closed:
                 loop._sim_call_at(queue[0][0], self._deliver, ())
 
     # -- fds, ports, addresses -----------------------------------------------------------------------------
