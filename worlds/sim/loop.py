@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import errno
+import functools
 import heapq
 import selectors
 import signal
@@ -25,7 +27,7 @@ from asyncio import base_events, events, format_helpers
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from worlds.sim.net import SimNetwork
+from worlds.sim.net import SimNetwork, SimSocket, _oserror
 
 # Timers closer than this to "now" count as due (asyncio's _run_once needs a positive resolution).
 _CLOCK_RESOLUTION = 1e-9
@@ -37,6 +39,8 @@ _MIN_CANCELLED_FRACTION = base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION  # t
 _NET_CONTEXT = contextvars.Context()
 _Connection = tuple[asyncio.Transport, asyncio.BaseProtocol]
 _Datagram = tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]
+# connect_ex results asyncio's _sock_connect waits out (it catches them as BlockingIOError, InterruptedError)
+_CONNECT_PENDING = frozenset((errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN, errno.EINTR))
 _EVENT_READ = selectors.EVENT_READ
 _EVENT_WRITE = selectors.EVENT_WRITE
 _Timer = tuple[float, int, "SimTimerHandle"]
@@ -471,7 +475,7 @@ class SimLoop(asyncio.SelectorEventLoop):
                     except OSError as e:
                         raise OSError(e.errno, f"error while attempting to bind on address {matching[0]!r}: "
                                                f"{(e.strerror or '').lower()}") from None
-                await self.sock_connect(cast(socket.socket, candidate), address)
+                await self._sim_connect(candidate, address)
             except OSError as e:
                 candidate.close()
                 errors.append(e)
@@ -492,6 +496,30 @@ class SimLoop(asyncio.SelectorEventLoop):
         except BaseException:
             sock.close()
             raise
+
+    async def _sim_connect(self, sock: SimSocket, address: tuple[Any, ...]) -> None:
+        """`sock_connect` for a new SimSocket and an address from the network's getaddrinfo: asyncio's steps, with
+        the same callbacks in the same order, without resolving the address again or raising EINPROGRESS."""
+        fut = self.create_future()
+        try:
+            err = sock.connect_ex(address)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            fut.set_exception(exc)
+        else:
+            if err in _CONNECT_PENDING:
+                fd = sock._fd
+                handle = self._add_writer(fd, self._sock_connect_cb, fut, sock, address)  # type: ignore[attr-defined]
+                fut.add_done_callback(functools.partial(self._sock_write_done, fd, handle=handle))  # type: ignore[attr-defined]
+            elif err:
+                fut.set_exception(_oserror(err, str(address)))
+            else:
+                fut.set_result(None)
+        try:
+            await fut
+        finally:
+            del fut  # break cycles when an exception occurs
 
     async def create_server(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: str | Sequence[str] | None = None,

@@ -92,9 +92,16 @@ AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, .
 _LINGER: Final = struct.Struct("ii")
 
 
+_STRERROR: dict[int, str] = {}  # errno -> os.strerror(errno), looked up once each
+_FAMILY: Final[dict[int, socket.AddressFamily]] = {int(f): f for f in socket.AddressFamily}
+_KIND: Final[dict[int, socket.SocketKind]] = {int(k): k for k in socket.SocketKind}
+
+
 def _oserror(code: int, detail: str = "") -> OSError:
     """An OSError of the subclass the kernel's errno maps to (OSError(errno, ...) picks it)."""
-    msg = os.strerror(code)
+    msg = _STRERROR.get(code)
+    if msg is None:
+        msg = _STRERROR[code] = os.strerror(code)
     return OSError(code, f"{msg}: {detail}" if detail else msg)
 
 
@@ -143,8 +150,8 @@ class SimSocket:
     def __init__(self, net: SimNetwork, family: int, type: int, proto: int, fd: int) -> None:
         self._net = net
         self._fd = fd
-        self.family = socket.AddressFamily(family)
-        self.type = socket.SocketKind(type)
+        self.family = _FAMILY.get(family) or socket.AddressFamily(family)
+        self.type = _KIND.get(type) or socket.SocketKind(type)
         self.proto = proto
         self._timeout: float | None = None  # blocking, as socket.socket() starts
         self._opts: dict[tuple[int, int], int | bytes] = {}
@@ -772,6 +779,8 @@ class SimNetwork:
         self._listeners: dict[int, list[SimSocket]] = {}  # port -> listening sockets
         self._next_port: dict[int, int] = {socket.SOCK_STREAM: EPHEMERAL_FIRST, socket.SOCK_DGRAM: EPHEMERAL_FIRST}
         self._hosts: dict[tuple[int, str], str] = {}
+        # getaddrinfo answers by arguments (they depend on nothing else): no address parsing per connection
+        self._addrinfo: dict[tuple[Any, ...], tuple[AddrInfo, ...]] = {}
 
     def __repr__(self) -> str:
         return f"<SimNetwork latency_s={self.latency_s} sockets={len(self._sockets)}>"
@@ -811,6 +820,21 @@ class SimNetwork:
         proto: int = 0, flags: int = 0,
     ) -> list[AddrInfo]:
         """`socket.getaddrinfo` for this network: IP literals and "localhost" only (there is no DNS here)."""
+        key = (host, port, family, type, proto, flags)
+        try:
+            cached = self._addrinfo.get(key)
+        except TypeError:  # an unhashable argument: let the checks below say what is wrong with it
+            cached = None
+        if cached is not None:
+            return list(cached)
+        out = self._getaddrinfo(host, port, family, type, proto, flags)
+        self._addrinfo[key] = tuple(out)
+        return out
+
+    def _getaddrinfo(
+        self, host: str | bytes | None, port: str | bytes | int | None, family: int, type: int, proto: int,
+        flags: int,
+    ) -> list[AddrInfo]:
         if isinstance(host, bytes):
             host = host.decode("idna")
         if port is None:
