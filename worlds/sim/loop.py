@@ -41,6 +41,7 @@ _Connection = tuple[asyncio.Transport, asyncio.BaseProtocol]
 _Datagram = tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]
 # connect_ex results asyncio's _sock_connect waits out (it catches them as BlockingIOError, InterruptedError)
 _CONNECT_PENDING = frozenset((errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN, errno.EINTR))
+_SelectorKey = selectors.SelectorKey
 _EVENT_READ = selectors.EVENT_READ
 _EVENT_WRITE = selectors.EVENT_WRITE
 _Timer = tuple[float, int, "SimTimerHandle"]
@@ -171,12 +172,12 @@ class SimSelector(selectors._BaseSelectorImpl):
             reader, writer = key.data
             if mask & _EVENT_READ and reader is not None:
                 if reader._cancelled:
-                    loop._remove_reader(key.fileobj)  # type: ignore[attr-defined]
+                    loop._remove_reader(key.fileobj)
                 else:
                     ready.append(reader)
             if mask & _EVENT_WRITE and writer is not None:
                 if writer._cancelled:
-                    loop._remove_writer(key.fileobj)  # type: ignore[attr-defined]
+                    loop._remove_writer(key.fileobj)
                 else:
                     ready.append(writer)
         for fd in idle:
@@ -232,6 +233,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         super().__init__(selector)
         self._clock_resolution = _CLOCK_RESOLUTION
         selector._loop = self
+        self._sim_selector = selector
         self._network._attach(self)
 
     @property
@@ -359,6 +361,88 @@ class SimLoop(asyncio.SelectorEventLoop):
         heapq.heappush(self._scheduled, (when, seq, timer))
         timer._scheduled = True
         return timer
+
+    def _sim_push(self, when: float, timer: SimTimerHandle) -> None:
+        """Schedule an existing, never-cancelled timer again (the network's one packet-delivery timer)."""
+        seq = self._timer_seq = self._timer_seq + 1
+        timer._when = when
+        heapq.heappush(self._scheduled, (when, seq, timer))
+        timer._scheduled = True
+
+    # -- readers and writers: asyncio's _add_reader & co. on the selector's key table directly -------------
+
+    def _add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> events.Handle:
+        if type(fd) is not int or self._debug:
+            return cast(events.Handle, super()._add_reader(fd, callback, *args))  # type: ignore[misc]
+        return self._sim_add(fd, _EVENT_READ, callback, args)
+
+    def _add_writer(self, fd: Any, callback: Callable[..., object], *args: Any) -> events.Handle:
+        if type(fd) is not int or self._debug:
+            return cast(events.Handle, super()._add_writer(fd, callback, *args))  # type: ignore[misc]
+        return self._sim_add(fd, _EVENT_WRITE, callback, args)
+
+    def _remove_reader(self, fd: Any) -> bool:
+        if type(fd) is not int or self._debug:
+            return cast(bool, super()._remove_reader(fd))  # type: ignore[misc]
+        return self._sim_remove(fd, _EVENT_READ)
+
+    def _remove_writer(self, fd: Any) -> bool:
+        if type(fd) is not int or self._debug:
+            return cast(bool, super()._remove_writer(fd))  # type: ignore[misc]
+        return self._sim_remove(fd, _EVENT_WRITE)
+
+    def _sim_add(self, fd: int, event: int, callback: Callable[..., object], args: tuple[Any, ...]) -> events.Handle:
+        """asyncio's `_add_reader`/`_add_writer`: the same key updates, readiness checks and cancels, in order."""
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        handle = SimHandle(callback, args, self, contextvars.copy_context())
+        selector = self._sim_selector
+        keys = selector._fd_to_key  # type: ignore[attr-defined]
+        if selector._map is None:  # type: ignore[attr-defined]
+            raise RuntimeError("Selector is closed")
+        key = keys.get(fd)
+        old = None
+        if key is None:
+            keys[fd] = _SelectorKey(fd, fd, event, (handle, None) if event == _EVENT_READ else (None, handle))
+        else:
+            reader, writer = key.data
+            mask = key.events | event
+            fileobj = key.fileobj if mask == key.events else fd
+            if event == _EVENT_READ:
+                keys[fd] = _SelectorKey(fileobj, fd, mask, (handle, writer))
+                old = reader
+            else:
+                keys[fd] = _SelectorKey(fileobj, fd, mask, (reader, handle))
+                old = writer
+        self._network._dirty[fd] = None  # new interest: is it ready for it already?
+        if old is not None:
+            old.cancel()
+        return handle
+
+    def _sim_remove(self, fd: int, event: int) -> bool:
+        """asyncio's `_remove_reader`/`_remove_writer` (see `_sim_add`)."""
+        if self._closed:
+            return False
+        selector = self._sim_selector
+        if selector._map is None:  # type: ignore[attr-defined]
+            raise RuntimeError("Selector is closed")
+        keys = selector._fd_to_key  # type: ignore[attr-defined]
+        key = keys.get(fd)
+        if key is None:
+            return False
+        reader, writer = key.data
+        mask = key.events & ~event
+        if not mask:
+            del keys[fd]
+        else:
+            fileobj = key.fileobj if mask == key.events else fd
+            keys[fd] = _SelectorKey(fileobj, fd, mask, (None, writer) if event == _EVENT_READ else (reader, None))
+            self._network._dirty[fd] = None
+        old = reader if event == _EVENT_READ else writer
+        if old is not None:
+            old.cancel()
+            return True
+        return False
 
     def _deadlock_report(self) -> str:
         tasks = [t for t in asyncio.all_tasks(self) if not t.done()]

@@ -779,6 +779,7 @@ class SimNetwork:
         self._listeners: dict[int, list[SimSocket]] = {}  # port -> listening sockets
         self._next_port: dict[int, int] = {socket.SOCK_STREAM: EPHEMERAL_FIRST, socket.SOCK_DGRAM: EPHEMERAL_FIRST}
         self._hosts: dict[tuple[int, str], str] = {}
+        self._delivery: Any = None  # the timer that runs _deliver (SimTimerHandle)
         # getaddrinfo answers by arguments (they depend on nothing else): no address parsing per connection
         self._addrinfo: dict[tuple[Any, ...], tuple[AddrInfo, ...]] = {}
 
@@ -922,7 +923,15 @@ class SimNetwork:
             queue.append((when if when >= last else last, fn, args))  # a latency lowered mid-run keeps FIFO
         else:
             queue.append((when, fn, args))
-            loop._sim_call_at(when, self._deliver, ())
+            self._deliver_timer(loop, when)
+
+    def _deliver_timer(self, loop: SimLoop, when: float) -> None:
+        """Wake `_deliver` at `when`: one timer object, scheduled again each time (at most one is pending)."""
+        timer = self._delivery
+        if timer is None:
+            timer = self._delivery = loop._sim_call_at(when, self._deliver, ())
+        else:
+            loop._sim_push(when, timer)
 
     def _deliver(self) -> None:
         """Run every packet that has arrived by now, in order; then wait for the next one."""
@@ -936,7 +945,7 @@ class SimNetwork:
                 fn(*args)
         finally:
             if queue and not loop._closed:
-                loop._sim_call_at(queue[0][0], self._deliver, ())
+                self._deliver_timer(loop, queue[0][0])
 
     # -- fds, ports, addresses -----------------------------------------------------------------------------
 
