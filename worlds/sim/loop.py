@@ -76,6 +76,15 @@ class SimHandle(events.Handle):
         self._repr = None
         self._source_traceback = None
 
+    def cancel(self) -> None:
+        if not self._cancelled:
+            if self._loop._debug:
+                super().cancel()
+                return
+            self._cancelled = True
+            self._callback = None
+            self._args = None
+
 
 class SimTimerHandle(asyncio.TimerHandle):
     """A timer ordered by (when, seq): timers due at the same virtual time run first-in, first-out.
@@ -110,6 +119,18 @@ class SimTimerHandle(asyncio.TimerHandle):
         self._source_traceback = None
         self._when = when
         self._scheduled = False
+
+    def cancel(self) -> None:
+        if not self._cancelled:
+            loop: Any = self._loop
+            if loop._debug:
+                super().cancel()
+                return
+            if self._scheduled:
+                loop._timer_cancelled_count += 1  # BaseEventLoop._timer_handle_cancelled
+            self._cancelled = True
+            self._callback = None
+            self._args = None
 
     def __lt__(self, other: SimTimerHandle) -> bool:  # type: ignore[override]
         if self._when != other._when:

@@ -90,6 +90,8 @@ _LOOPBACK: Final[dict[int, str]] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6
 _Socket = socket.socket
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 _LINGER: Final = struct.Struct("ii")
+_SOCK_NONBLOCK: Final[int] = getattr(socket, "SOCK_NONBLOCK", 0)
+_SOCK_CLOEXEC: Final[int] = getattr(socket, "SOCK_CLOEXEC", 0)
 
 
 _STRERROR: dict[int, str] = {}  # errno -> os.strerror(errno), looked up once each
@@ -258,6 +260,9 @@ class SimSocket:
 
     def setsockopt(self, level: int, optname: int, value: int | bytes | None, optlen: int | None = None) -> None:
         self._check_open()
+        if type(value) is int and level == socket.IPPROTO_TCP:  # TCP_NODELAY & co. on every new transport
+            self._opts[(level, optname)] = value
+            return
         if value is None:
             value = b"\0" * (optlen or 0)
         if level == socket.SOL_SOCKET and optname == socket.SO_LINGER:
@@ -791,8 +796,8 @@ class SimNetwork:
     def sim_socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> SimSocket:
         if family not in (socket.AF_INET, socket.AF_INET6):
             raise _oserror(errno.EAFNOSUPPORT)
-        nonblocking = bool(type & getattr(socket, "SOCK_NONBLOCK", 0))
-        kind = type & ~(getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0))
+        nonblocking = bool(type & _SOCK_NONBLOCK)
+        kind = type & ~(_SOCK_NONBLOCK | _SOCK_CLOEXEC)
         if kind not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             raise _oserror(errno.ESOCKTNOSUPPORT)
         sock = SimSocket(self, family, kind, proto, -1)
