@@ -42,6 +42,8 @@ _Datagram = tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]
 # connect_ex results asyncio's _sock_connect waits out (it catches them as BlockingIOError, InterruptedError)
 _CONNECT_PENDING = frozenset((errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN, errno.EINTR))
 _SelectorKey = selectors.SelectorKey
+_new_object = object.__new__
+_new_key = tuple.__new__  # SelectorKey(...) without the namedtuple's Python-level __new__
 _EVENT_READ = selectors.EVENT_READ
 _EVENT_WRITE = selectors.EVENT_WRITE
 _Timer = tuple[float, int, "SimTimerHandle"]
@@ -346,9 +348,18 @@ class SimLoop(asyncio.SelectorEventLoop):
             return super().call_soon(callback, *args, context=context)
         if self._closed:
             raise RuntimeError("Event loop is closed")
-        handle = SimHandle(callback, args, self, context if context is not None else contextvars.copy_context())
+        # SimHandle.__init__ inlined: this runs for every future callback and task step
+        handle: Any = _new_object(SimHandle)
+        handle._context = context if context is not None else contextvars.copy_context()
+        handle._loop = self
+        handle._callback = callback
+        handle._args = args
+        handle._cancelled = False
+        handle._repr = None
+        handle._source_traceback = None
         self._ready.append(handle)
-        return handle
+        made: events.Handle = handle
+        return made
 
     def call_later(  # type: ignore[override]
         self, delay: float, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None
@@ -424,16 +435,17 @@ class SimLoop(asyncio.SelectorEventLoop):
         key = keys.get(fd)
         old = None
         if key is None:
-            keys[fd] = _SelectorKey(fd, fd, event, (handle, None) if event == _EVENT_READ else (None, handle))
+            data = (handle, None) if event == _EVENT_READ else (None, handle)
+            keys[fd] = _new_key(_SelectorKey, (fd, fd, event, data))
         else:
             reader, writer = key.data
             mask = key.events | event
             fileobj = key.fileobj if mask == key.events else fd
             if event == _EVENT_READ:
-                keys[fd] = _SelectorKey(fileobj, fd, mask, (handle, writer))
+                keys[fd] = _new_key(_SelectorKey, (fileobj, fd, mask, (handle, writer)))
                 old = reader
             else:
-                keys[fd] = _SelectorKey(fileobj, fd, mask, (reader, handle))
+                keys[fd] = _new_key(_SelectorKey, (fileobj, fd, mask, (reader, handle)))
                 old = writer
         self._network._dirty[fd] = None  # new interest: is it ready for it already?
         if old is not None:
@@ -457,7 +469,8 @@ class SimLoop(asyncio.SelectorEventLoop):
             del keys[fd]
         else:
             fileobj = key.fileobj if mask == key.events else fd
-            keys[fd] = _SelectorKey(fileobj, fd, mask, (None, writer) if event == _EVENT_READ else (reader, None))
+            data = (None, writer) if event == _EVENT_READ else (reader, None)
+            keys[fd] = _new_key(_SelectorKey, (fileobj, fd, mask, data))
             self._network._dirty[fd] = None
         old = reader if event == _EVENT_READ else writer
         if old is not None:
