@@ -90,11 +90,20 @@ _LOOPBACK: Final[dict[int, str]] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6
 _Socket = socket.socket
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 _LINGER: Final = struct.Struct("ii")
+_SOCK_NONBLOCK: Final[int] = getattr(socket, "SOCK_NONBLOCK", 0)
+_SOCK_CLOEXEC: Final[int] = getattr(socket, "SOCK_CLOEXEC", 0)
+
+
+_STRERROR: dict[int, str] = {}  # errno -> os.strerror(errno), looked up once each
+_FAMILY: Final[dict[int, socket.AddressFamily]] = {int(f): f for f in socket.AddressFamily}
+_KIND: Final[dict[int, socket.SocketKind]] = {int(k): k for k in socket.SocketKind}
 
 
 def _oserror(code: int, detail: str = "") -> OSError:
     """An OSError of the subclass the kernel's errno maps to (OSError(errno, ...) picks it)."""
-    msg = os.strerror(code)
+    msg = _STRERROR.get(code)
+    if msg is None:
+        msg = _STRERROR[code] = os.strerror(code)
     return OSError(code, f"{msg}: {detail}" if detail else msg)
 
 
@@ -143,8 +152,8 @@ class SimSocket:
     def __init__(self, net: SimNetwork, family: int, type: int, proto: int, fd: int) -> None:
         self._net = net
         self._fd = fd
-        self.family = socket.AddressFamily(family)
-        self.type = socket.SocketKind(type)
+        self.family = _FAMILY.get(family) or socket.AddressFamily(family)
+        self.type = _KIND.get(type) or socket.SocketKind(type)
         self.proto = proto
         self._timeout: float | None = None  # blocking, as socket.socket() starts
         self._opts: dict[tuple[int, int], int | bytes] = {}
@@ -251,6 +260,9 @@ class SimSocket:
 
     def setsockopt(self, level: int, optname: int, value: int | bytes | None, optlen: int | None = None) -> None:
         self._check_open()
+        if type(value) is int and level == socket.IPPROTO_TCP:  # TCP_NODELAY & co. on every new transport
+            self._opts[(level, optname)] = value
+            return
         if value is None:
             value = b"\0" * (optlen or 0)
         if level == socket.SOL_SOCKET and optname == socket.SO_LINGER:
@@ -772,6 +784,9 @@ class SimNetwork:
         self._listeners: dict[int, list[SimSocket]] = {}  # port -> listening sockets
         self._next_port: dict[int, int] = {socket.SOCK_STREAM: EPHEMERAL_FIRST, socket.SOCK_DGRAM: EPHEMERAL_FIRST}
         self._hosts: dict[tuple[int, str], str] = {}
+        self._delivery: Any = None  # the timer that runs _deliver (SimTimerHandle)
+        # getaddrinfo answers by arguments (they depend on nothing else): no address parsing per connection
+        self._addrinfo: dict[tuple[Any, ...], tuple[AddrInfo, ...]] = {}
 
     def __repr__(self) -> str:
         return f"<SimNetwork latency_s={self.latency_s} sockets={len(self._sockets)}>"
@@ -781,8 +796,8 @@ class SimNetwork:
     def sim_socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> SimSocket:
         if family not in (socket.AF_INET, socket.AF_INET6):
             raise _oserror(errno.EAFNOSUPPORT)
-        nonblocking = bool(type & getattr(socket, "SOCK_NONBLOCK", 0))
-        kind = type & ~(getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0))
+        nonblocking = bool(type & _SOCK_NONBLOCK)
+        kind = type & ~(_SOCK_NONBLOCK | _SOCK_CLOEXEC)
         if kind not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             raise _oserror(errno.ESOCKTNOSUPPORT)
         sock = SimSocket(self, family, kind, proto, -1)
@@ -811,6 +826,21 @@ class SimNetwork:
         proto: int = 0, flags: int = 0,
     ) -> list[AddrInfo]:
         """`socket.getaddrinfo` for this network: IP literals and "localhost" only (there is no DNS here)."""
+        key = (host, port, family, type, proto, flags)
+        try:
+            cached = self._addrinfo.get(key)
+        except TypeError:  # an unhashable argument: let the checks below say what is wrong with it
+            cached = None
+        if cached is not None:
+            return list(cached)
+        out = self._getaddrinfo(host, port, family, type, proto, flags)
+        self._addrinfo[key] = tuple(out)
+        return out
+
+    def _getaddrinfo(
+        self, host: str | bytes | None, port: str | bytes | int | None, family: int, type: int, proto: int,
+        flags: int,
+    ) -> list[AddrInfo]:
         if isinstance(host, bytes):
             host = host.decode("idna")
         if port is None:
@@ -889,7 +919,7 @@ class SimNetwork:
         loop = self._loop
         if loop is None:
             raise RuntimeError("this SimNetwork has no SimLoop yet: make one with SimLoop(network)")
-        if loop._closed:  # type: ignore[attr-defined]
+        if loop._closed:
             return  # the world is over: packets go nowhere
         when = loop._now + self.latency_s
         queue = self._packets
@@ -898,7 +928,15 @@ class SimNetwork:
             queue.append((when if when >= last else last, fn, args))  # a latency lowered mid-run keeps FIFO
         else:
             queue.append((when, fn, args))
-            loop._sim_call_at(when, self._deliver, ())
+            self._deliver_timer(loop, when)
+
+    def _deliver_timer(self, loop: SimLoop, when: float) -> None:
+        """Wake `_deliver` at `when`: one timer object, scheduled again each time (at most one is pending)."""
+        timer = self._delivery
+        if timer is None:
+            timer = self._delivery = loop._sim_call_at(when, self._deliver, ())
+        else:
+            loop._sim_push(when, timer)
 
     def _deliver(self) -> None:
         """Run every packet that has arrived by now, in order; then wait for the next one."""
@@ -911,8 +949,8 @@ class SimNetwork:
                 _, fn, args = queue.popleft()
                 fn(*args)
         finally:
-            if queue and not loop._closed:  # type: ignore[attr-defined]
-                loop._sim_call_at(queue[0][0], self._deliver, ())
+            if queue and not loop._closed:
+                self._deliver_timer(loop, queue[0][0])
 
     # -- fds, ports, addresses -----------------------------------------------------------------------------
 
