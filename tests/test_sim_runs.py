@@ -42,6 +42,7 @@ def sim_run(scenario: str, out: Path, *args: str, hash_seed: str = "0") -> dict[
     return summary
 
 
+@pytest.mark.timeout(600)
 def test_two_sim_runs_of_a_seed_write_the_same_bytes(tmp_path: Path) -> None:
     """Different processes, different hash seeds (set iteration order), the same files, byte for byte."""
     first = sim_run("aws-2025-10-20", tmp_path / "a", "--seed", "3", hash_seed="1")
@@ -54,6 +55,7 @@ def test_two_sim_runs_of_a_seed_write_the_same_bytes(tmp_path: Path) -> None:
         assert len(a) > 100, f"{name} is (nearly) empty"
 
 
+@pytest.mark.timeout(600)
 def test_the_2025_10_20_cascade_shows_its_eight_stages_in_causal_order(tmp_path: Path) -> None:
     summary = sim_run("aws-2025-10-20", tmp_path / "run")
     stages = {s["name"]: s for s in summary["stages"]}  # type: ignore[union-attr]
@@ -64,6 +66,7 @@ def test_the_2025_10_20_cascade_shows_its_eight_stages_in_causal_order(tmp_path:
     assert stages["recovered"]["start_s"] >= max(s["end_s"] for s in others)
 
 
+@pytest.mark.timeout(900)  # 15 runs of up to 20 s each, two at a time, on a loaded machine
 @pytest.mark.parametrize("name", CLAIMS)
 def test_should_win_beats_naive_on_the_headline_over_five_seeds(name: str, tmp_path: Path) -> None:
     sc, _ = load_scenario(name)
