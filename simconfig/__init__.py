@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.json_schema import DEFAULT_REF_TEMPLATE, GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
@@ -72,19 +72,9 @@ Number = Annotated[float, numeric("a number", "2 or 0.5", "2x")]
 Speed = Annotated[float, numeric("a number of sim seconds per wall second", "10", "10x")]
 Whole = Annotated[int, numeric("a whole number", "3", "3")]
 Flag = Annotated[bool, BeforeValidator(_flag_check)]
-PositiveSpeed = Annotated[Speed, Field(gt=0)]
 Rate = Annotated[PerSecond, Field(gt=0)]  # a throughput: a throttle, a capacity
 UnlimitedRate = Annotated[float, numeric("a number per sim second", "20 or 0.5", "20/s", "no limit"), Field(gt=0)]
 MaxDepth = Annotated[Whole, Field(ge=1)]  # a queue's admission control: offers beyond this depth are rejected
-_SPEED: TypeAdapter[float] = TypeAdapter(PositiveSpeed)
-
-
-def check_speed(value: object) -> float:
-    """A speed (sim seconds per wall second): a finite number > 0, else ValueError."""
-    try:
-        return _SPEED.validate_python(value)
-    except ValidationError as e:
-        raise ValueError(f"speed {describe(e)}") from None
 
 
 class _JsonSchema(GenerateJsonSchema):
