@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -173,7 +172,6 @@ class Resolver:
         timeout_s: float = 2.0,
         registry: CollectorRegistry | None = None,
         client: str = "default",
-        rng: random.Random | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -188,8 +186,6 @@ class Resolver:
         )
         self._inflight: dict[str, asyncio.Task[Answer]] = {}
         self._closed = False
-        # Query ids from a seeded stream, not dnspython's SystemRandom: the same run sends the same bytes.
-        self._ids = rng if rng is not None else random.Random(f"dns-ids/{client}")
 
     @property
     def server(self) -> tuple[str, int]:
@@ -229,7 +225,7 @@ class Resolver:
             del self._inflight[key]
 
     async def _query(self, key: str) -> Answer:
-        query = dns.message.make_query(key, dns.rdatatype.A, id=self._ids.getrandbits(16))
+        query = dns.message.make_query(key, dns.rdatatype.A)
         try:
             response = await dns.asyncquery.udp(
                 query, self._host, timeout=self._clock.to_loop(self.timeout_s), port=self._port
