@@ -749,6 +749,17 @@ class SimSocket:
             self._notify()
 
 
+
+def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """`host` as an IP literal (a zone suffix dropped); `gaierror` for a name: there is no DNS down here."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        raise socket.gaierror(
+            socket.EAI_NONAME, f"Name or service not known: {host!r} (the simulated network resolves only "
+            "IP literals and localhost)"
+        ) from None
+
 class SimNetwork:
     """One simulated host's network: sockets, ports, listeners and the packets between them."""
 
@@ -861,13 +872,7 @@ class SimNetwork:
             fam = family or socket.AF_INET
             fams, hosts = [fam], [_LOOPBACK[fam]]
         else:
-            try:
-                ip = ipaddress.ip_address(host.split("%", 1)[0])
-            except ValueError:
-                raise socket.gaierror(
-                    socket.EAI_NONAME, f"Name or service not known: {host!r} (the simulated network resolves only "
-                    "IP literals and localhost)"
-                ) from None
+            ip = _literal(host)
             fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
             if family and family != fam:
                 raise socket.gaierror(socket.EAI_ADDRFAMILY, "Address family for hostname not supported")
@@ -997,13 +1002,7 @@ class SimNetwork:
             return _LOOPBACK[family]
         if host == "<broadcast>":
             raise _oserror(errno.ENETUNREACH)
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            raise socket.gaierror(
-                socket.EAI_NONAME, f"Name or service not known: {host!r} (the simulated network resolves only "
-                "IP literals and localhost)"
-            ) from None
+        ip = _literal(host)
         if (ip.version == 4) != (family == socket.AF_INET):
             raise socket.gaierror(socket.EAI_ADDRFAMILY, "Address family for hostname not supported")
         return str(ip)
