@@ -562,17 +562,23 @@ class Recorder(asyncio.Protocol):
             self.resumed.set_result(None)
 
 
+async def recording_server(keep_open_on_eof: bool = False) -> tuple[asyncio.Server, asyncio.Future[Recorder]]:
+    """A server on HOST, an ephemeral port, and the future of the `Recorder` of its first connection."""
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[Recorder] = loop.create_future()
+
+    def factory() -> Recorder:
+        p = Recorder(keep_open_on_eof=keep_open_on_eof)
+        if not accepted.done():
+            accepted.set_result(p)
+        return p
+
+    return await loop.create_server(factory, HOST, 0), accepted
+
 def test_rst_reaches_an_asyncio_protocol_as_connection_reset(w: Harness) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        accepted: asyncio.Future[Recorder] = loop.create_future()
-
-        def factory() -> Recorder:
-            p = Recorder()
-            accepted.set_result(p)
-            return p
-
-        server = await loop.create_server(factory, HOST, 0)
+        server, accepted = await recording_server()
         _, client = await loop.create_connection(Recorder, *server.sockets[0].getsockname())
         peer = await asyncio.wait_for(accepted, BOUND_S)
         await asyncio.wait_for(peer.made, BOUND_S)  # connection_made runs one loop pass after accept
@@ -618,15 +624,7 @@ def test_half_close_raw(w: Harness) -> None:
 
 def test_eof_received_true_keeps_the_other_direction_open(w: Harness) -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        served: asyncio.Future[Recorder] = loop.create_future()
-
-        def factory() -> Recorder:
-            p = Recorder(keep_open_on_eof=True)
-            served.set_result(p)
-            return p
-
-        server = await loop.create_server(factory, HOST, 0)
+        server, served = await recording_server(keep_open_on_eof=True)
         reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
         writer.write(b"question")
         writer.write_eof()
