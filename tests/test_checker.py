@@ -26,6 +26,7 @@ from aiohttp import web
 from lb.checker import CheckConfig, CheckerCapacity, NodeChecker, ProbeReport
 from lb.targets import ProbeOutcome, Target
 from worlds.clock import ManualClock, ScaledClock
+from worlds.sim import SimWorld
 
 HOST = "127.0.0.1"
 SLACK_WALL_S = 0.100
@@ -469,3 +470,38 @@ async def test_callback_and_prober_errors_do_not_stop_the_checker(caplog: pytest
         await checker.stop()
     assert "scripted prober bug" in caplog.text and "callback bug" in caplog.text
     assert [r.outcome for r in seen] == [ProbeOutcome.SUCCESS, ProbeOutcome.SUCCESS]
+
+
+@pytest.mark.timeout(30)
+def test_with_every_slot_held_the_next_probe_is_a_late_timeout_on_time_in_virtual_time() -> None:
+    """One slot, held by a probe that never ends: the other target's probes can only be reported as late
+    timeouts, one timeout after they were due (plus at most the wake-up grid's tick). The scheduler wakes a
+    lookahead early and finds nothing to start; it must then sleep until the head is late, not look again at
+    once: on a virtual clock, which moves only while everyone waits, that would spin at one instant forever
+    (this test would then hang)."""
+    world = SimWorld(seed=1)
+    config = CheckConfig(interval_s=1.0, timeout_s=0.5, jitter=0.0)
+    reports = Reports()
+    lookahead: list[float] = []
+
+    async def holds_forever(host: str, port: int, timeout_loop_s: float) -> ProbeOutcome:
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+    async def body() -> None:
+        checker = NodeChecker("z", world.clock, config, CheckerCapacity(max_in_flight=1), reports,
+                              prober=holds_forever)
+        lookahead.append(checker.lookahead_s)
+        for t in targets([1, 2]):
+            checker.add_target(t)
+        checker.start()
+        try:
+            await reports.wait_for(lambda items: len(items) >= 5, limit_s=30.0)
+        finally:
+            await checker.stop()
+
+    world.run(body())
+    assert lookahead[0] > 0  # the scheduler does wake early, which is what could spin
+    assert len({r.target_id for r in reports.items}) == 1  # the other target holds the only slot
+    assert all(r.late and r.outcome is ProbeOutcome.TIMEOUT for r in reports.items)
+    assert all(config.timeout_s <= r.lateness_s < config.timeout_s + lookahead[0] for r in reports.items)
