@@ -1,8 +1,9 @@
-"""The control-plane chain end to end on real sockets: DNS race -> leases -> launches -> network -> health checks.
+"""The control-plane chain end to end: DNS race -> leases -> launches -> network -> health checks.
 
-Each test runs a small scenario through `ScenarioRun` at a high speed and judges it by the metrics the run
-recorded (the same time series the stages are detected from) and by its event log. Bounds come from the
-scenario's own intervals, TTLs and rates.
+Each test runs a small scenario through `ScenarioRun` and judges it by the metrics the run recorded (the same time
+series the stages are detected from) and by its event log. Bounds come from the scenario's own intervals, TTLs and
+rates. The runs are in the simulated world (the chain's logic is under test, each run takes a second or two); the
+unprotected race also runs on real sockets at a high speed, so the chain stays honest on the kernel's network.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import pytest
 
 from backends.controlplane.resolver import LookupOutcome
 from scenarios.runner import ScenarioRun
-from scenarios.schema import parse_scenario
+from scenarios.schema import Scenario, parse_scenario
+from worlds.base import World
+from worlds.real import RealWorld
+from worlds.sim import SimWorld
 
 # High, but not so high that a 2-core machine's loop lag shows in sim time: at 30, a 0.1 s stall was 3 sim s
 # and broke the bounds below in about one run in four, even on a quiet machine.
@@ -54,6 +58,13 @@ def scenario(duration: float, timeline: list[dict[str, Any]], **changes: Any) ->
     return parse_scenario(data, "test")
 
 
+def execute(sc: Scenario, world: World | None = None) -> tuple[ScenarioRun, dict[str, Any]]:
+    """Run `sc` to its end in `world` (default: the simulated world on the scenario's seed)."""
+    world = world if world is not None else SimWorld(seed=sc.seed)
+    run = ScenarioRun(sc, world=world, source="test")
+    return run, world.run(run.run())
+
+
 def stages(summary: dict[str, Any]) -> dict[str, tuple[float, float]]:
     return {s["name"]: (s["start_s"], s["end_s"]) for s in summary["stages"]}
 
@@ -62,13 +73,14 @@ def column(run: ScenarioRun, name: str) -> list[tuple[float, float]]:
     return [(row["t"], row[name]) for row in run.state.timeseries]
 
 
-@pytest.mark.parametrize("protection", [None, "cas", "keep_active", "guard"])
-async def test_the_race_empties_the_record_unless_a_protection_is_on(protection: str | None) -> None:
+@pytest.mark.parametrize(("protection", "world"), [(None, "sim"), ("cas", "sim"), ("keep_active", "sim"),
+                                                   ("guard", "sim"), (None, "real")])
+def test_the_race_empties_the_record_unless_a_protection_is_on(protection: str | None, world: str) -> None:
     cp = dict(BASE["control_plane"])
     cp["dns"] = {**cp["dns"], "protections": {protection: True} if protection else {}}
     restore = {"at": 50, "control": {"component": "dns", "action": "restore"}}
-    run = ScenarioRun(scenario(60, [RACE, restore], control_plane=cp), source="test")
-    summary = await run.run()
+    sc = scenario(60, [RACE, restore], control_plane=cp)
+    run, summary = execute(sc, RealWorld(speed=SPEED, seed=sc.seed) if world == "real" else None)
     assert summary["complete"]
     found = stages(summary)
     records = [v for _, v in column(run, "cp_record")]
@@ -94,7 +106,7 @@ async def test_the_race_empties_the_record_unless_a_protection_is_on(protection:
 
 
 @pytest.mark.parametrize("mitigate", [False, True])
-async def test_empty_record_expires_leases_fails_launches_and_recovery_collapses_unless_throttled(
+def test_empty_record_expires_leases_fails_launches_and_recovery_collapses_unless_throttled(
     mitigate: bool,
 ) -> None:
     """Empty record -> the host manager cannot resolve the lease store -> leases lapse after their TTL ->
@@ -112,8 +124,7 @@ async def test_empty_record_expires_leases_fails_launches_and_recovery_collapses
             {"at": mitigate_at, "control": {"component": "host_manager", "action": "throttle", "per_s": throttle}},
             {"at": mitigate_at, "control": {"component": "host_manager", "action": "restart"}},
         ]
-    run = ScenarioRun(scenario(duration, timeline), source="test")
-    summary = await run.run()
+    run, summary = execute(scenario(duration, timeline))
     assert summary["complete"]
     found = stages(summary)
     empty_start, empty_end = found["dns-record-empty"]
@@ -152,15 +163,14 @@ async def test_empty_record_expires_leases_fails_launches_and_recovery_collapses
         assert column(run, "instances_running")[-1][1] == 6
 
 
-async def test_network_backlog_keeps_a_new_target_failing_until_its_configuration_is_processed() -> None:
+def test_network_backlog_keeps_a_new_target_failing_until_its_configuration_is_processed() -> None:
     """New instances are registered while their network is pending (as NLB brought them into service): their
     paths are blackholed, so their probes fail, until the network manager reaches their items at 0.2 per
     second; each becomes healthy only after it is running, within the healthy threshold's checks."""
     cp = dict(BASE["control_plane"])
     cp["network_manager"] = {"rate_per_s": 0.2}
     timeline = [{"at": 5, "control": {"component": "instances", "action": "set-desired", "count": 2}}]
-    run = ScenarioRun(scenario(50, timeline, control_plane=cp), source="test")
-    summary = await run.run()
+    run, summary = execute(scenario(50, timeline, control_plane=cp))
     assert summary["complete"]
     events = run.state.events
     registered = {e["subject"]: e["t"] for e in events if e["kind"] == "registered"}

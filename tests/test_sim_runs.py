@@ -66,6 +66,14 @@ def test_the_2025_10_20_cascade_shows_its_eight_stages_in_causal_order(tmp_path:
     assert stages["recovered"]["start_s"] >= max(s["end_s"] for s in others)
 
 
+@pytest.mark.parametrize("name", [name for name in builtin_names() if name not in CLAIMS])
+def test_the_built_ins_that_claim_nothing_run_in_the_sim_world_too(name: str, tmp_path: Path) -> None:
+    """The claims below run every other built-in in the sim world; these two complete there as well."""
+    summary = sim_run(name, tmp_path / "run")
+    assert summary["complete"] is True and summary["world"] == "sim"
+    assert summary["requests_total"] > 0  # type: ignore[operator]
+
+
 @pytest.mark.timeout(900)  # 15 runs of up to 20 s each, two at a time, on a loaded machine
 @pytest.mark.parametrize("name", CLAIMS)
 def test_should_win_beats_naive_on_the_headline_over_five_seeds(name: str, tmp_path: Path) -> None:
